@@ -1,0 +1,42 @@
+//! The HTTP surface: `POST /webhooks[/<endpoint>]`, `GET /healthz`, `GET /readyz`.
+
+mod health;
+mod webhooks;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use tower_http::trace::TraceLayer;
+
+use crate::publish::Publisher;
+use crate::signature::Verifier;
+
+/// Name of the endpoint served at `POST /webhooks`.
+pub const DEFAULT_ENDPOINT: &str = "default";
+
+/// What handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// Verifier per endpoint name.
+    pub endpoints: Arc<HashMap<String, Verifier>>,
+    /// Publishes to JetStream.
+    pub publisher: Publisher,
+    /// Largest accepted body.
+    pub body_limit: usize,
+}
+
+/// The application's router.
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.body_limit;
+    Router::new()
+        .route("/webhooks", post(webhooks::receive_default))
+        .route("/webhooks/{endpoint}", post(webhooks::receive_named))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}

@@ -1,0 +1,67 @@
+//! `POST /webhooks`: verify the signature over the raw bytes, read the event head, publish, answer after the ack.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use bytes::Bytes;
+use serde_json::{json, Value};
+use stripe_sync_shared::event_head::RoutingHead;
+
+use super::{AppState, DEFAULT_ENDPOINT};
+use crate::error::ApiError;
+
+const SIGNATURE_HEADER: &str = "stripe-signature";
+
+/// `POST /webhooks`.
+pub async fn receive_default(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    receive(&state, DEFAULT_ENDPOINT, &headers, body).await
+}
+
+/// `POST /webhooks/<endpoint>`, for endpoints with their own secrets (e.g. Connect).
+pub async fn receive_named(
+    State(state): State<AppState>,
+    Path(endpoint): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    receive(&state, &endpoint, &headers, body).await
+}
+
+#[tracing::instrument(name = "webhook", skip_all, fields(endpoint, event_id, event_type, stream_seq))]
+async fn receive(
+    state: &AppState,
+    endpoint: &str,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let span = tracing::Span::current();
+    span.record("endpoint", endpoint);
+    let verifier = state.endpoints.get(endpoint).ok_or_else(|| ApiError::UnknownEndpoint(endpoint.to_owned()))?;
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge { limit: state.body_limit },
+        _ => ApiError::BadBody,
+    })?;
+
+    let signature = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
+    verifier.verify(signature, &body, unix_now())?;
+
+    let head = RoutingHead::parse(&body)?;
+    span.record("event_id", head.id.as_ref());
+    span.record("event_type", head.event_type.as_ref());
+
+    let ack = state.publisher.publish(&head, body.clone(), endpoint).await?;
+    span.record("stream_seq", ack.sequence);
+    tracing::debug!(duplicate = ack.duplicate, "event stored");
+    Ok(Json(json!({ "received": true, "id": head.id, "duplicate": ack.duplicate })))
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}

@@ -1,0 +1,111 @@
+//! Ingest settings: HTTP listener, webhook endpoints and their secrets, publishing, plus the shared sections.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+use stripe_sync_shared::settings::{self, comma_separated, NatsSettings, PlainEnv, StreamSettings, TelemetrySettings};
+
+/// Plain environment names ingest honours, besides the shared ones.
+pub const PLAIN_ENV: &[PlainEnv] = &[
+    PlainEnv { var: "PORT", key: "http.port" },
+    PlainEnv { var: "STRIPE_WEBHOOK_SECRET", key: "webhook.secrets" },
+    PlainEnv { var: "STRIPE_CONNECT_WEBHOOK_SECRET", key: "webhook.endpoints.connect.secrets" },
+];
+
+/// Everything `stripe-sync-ingest` reads at start.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// HTTP listener.
+    pub http: HttpSettings,
+    /// Webhook verification.
+    pub webhook: WebhookSettings,
+    /// NATS connection.
+    pub nats: NatsSettings,
+    /// Events stream.
+    pub stream: StreamSettings,
+    /// Logs and traces.
+    pub telemetry: TelemetrySettings,
+}
+
+impl Settings {
+    /// Loads settings from the process environment (and the file it names, if any).
+    pub fn load() -> Result<Self, stripe_sync_shared::ConfigError> {
+        settings::load_from_process_env(PLAIN_ENV)
+    }
+
+    /// Loads settings from a given environment map (tests, the compose-file check).
+    pub fn load_from(env: &std::collections::HashMap<String, String>) -> Result<Self, stripe_sync_shared::ConfigError> {
+        settings::load(env, PLAIN_ENV)
+    }
+}
+
+/// The HTTP listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Address to bind.
+    pub host: String,
+    /// Port to bind (`PORT`); 0 picks a free one.
+    pub port: u16,
+    /// Largest accepted webhook body in bytes; larger gets 413. Must fit in NATS's `max_payload` (ingest lowers it
+    /// to fit, with a warning).
+    pub body_limit: usize,
+    /// On shutdown, how long in-flight requests may take before the process exits anyway.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            host: "0.0.0.0".into(),
+            port: 8080,
+            // Stripe's largest events (an invoice or subscription with every embedded list at its page size and
+            // full metadata) stay well under 256 KiB; 1 MiB leaves room while bounding memory per request.
+            body_limit: 1024 * 1024,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Webhook verification and publishing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookSettings {
+    /// Signing secrets of the endpoint served at `POST /webhooks` (`STRIPE_WEBHOOK_SECRET`, comma-separated while a
+    /// secret is rolled).
+    #[serde(deserialize_with = "comma_separated")]
+    pub secrets: Vec<SecretString>,
+    /// More endpoints, each served at `POST /webhooks/<name>` with its own secrets, e.g. `connect` for Stripe
+    /// Connect events (`STRIPE_CONNECT_WEBHOOK_SECRET`).
+    pub endpoints: BTreeMap<String, EndpointSettings>,
+    /// Largest accepted difference between the signature's timestamp and our clock.
+    #[serde(with = "humantime_serde")]
+    pub tolerance: Duration,
+    /// How long a request waits for JetStream to acknowledge the event before answering 503.
+    #[serde(with = "humantime_serde")]
+    pub publish_timeout: Duration,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        Self {
+            secrets: Vec::new(),
+            endpoints: BTreeMap::new(),
+            tolerance: Duration::from_secs(300),
+            publish_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One extra webhook endpoint.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EndpointSettings {
+    /// Its signing secrets, comma-separated.
+    #[serde(deserialize_with = "comma_separated")]
+    pub secrets: Vec<SecretString>,
+}

@@ -1,0 +1,116 @@
+//! Building and running the ingest service: settings in, a bound listener and a shutdown future passed to `run`,
+//! so tests control both.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use stripe_sync_shared::nats;
+use tokio::net::TcpListener;
+
+use crate::publish::Publisher;
+use crate::routes::{self, AppState, DEFAULT_ENDPOINT};
+use crate::settings::Settings;
+use crate::signature::Verifier;
+
+/// Room left in a NATS message for our headers.
+const HEADER_ALLOWANCE: usize = 16 * 1024;
+
+/// A built, not yet running, ingest service.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    settings: Settings,
+}
+
+impl Application {
+    /// Binds the listener and starts connecting to NATS (in the background: NATS may be down at start).
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let endpoints = verifiers(&settings)?;
+        let client = nats::connect(&settings.nats, "stripe-sync-ingest", false).await?;
+        let publisher = Publisher::new(client, &settings.stream.name, settings.webhook.publish_timeout);
+        let address = format!("{}:{}", settings.http.host, settings.http.port);
+        let listener = TcpListener::bind(&address).await.with_context(|| format!("binding {address}"))?;
+        let state = AppState { endpoints: Arc::new(endpoints), publisher, body_limit: settings.http.body_limit };
+        Ok(Self { listener, state, settings })
+    }
+
+    /// The bound port (useful with port 0).
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish their publishes
+    /// (bounded by `http.shutdown_timeout`) and flushes the NATS connection. Errors only when the stream can never
+    /// be set up (NATS too old, or a stream of another shape).
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let Self { listener, state, settings } = self;
+        let publisher = state.publisher.clone();
+        let body_limit = settings.http.body_limit;
+        let setup = {
+            let publisher = publisher.clone();
+            let stream = settings.stream.clone();
+            async move {
+                publisher.set_up_stream(&stream).await?;
+                let max_payload = publisher.server_max_payload();
+                if body_limit + HEADER_ALLOWANCE > max_payload {
+                    tracing::error!(
+                        body_limit,
+                        max_payload,
+                        "http.body_limit does not fit in the NATS server's max_payload: events near the limit will \
+                         be answered 503 (and retried by Stripe) until max_payload is raised"
+                    );
+                }
+                anyhow::Ok(())
+            }
+        };
+
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let server = {
+            let mut stop_rx = stop_rx.clone();
+            axum::serve(listener, routes::router(state)).with_graceful_shutdown(async move {
+                let _ = stop_rx.wait_for(|stop| *stop).await;
+            })
+        };
+        let server = tokio::spawn(async move { server.await });
+        tracing::info!(port = settings.http.port, "ingest listening");
+
+        let outcome = tokio::select! {
+            () = shutdown => Ok(()),
+            result = setup_until_done(setup) => result,
+        };
+        let _ = stop_tx.send(true);
+        match tokio::time::timeout(settings.http.shutdown_timeout, server).await {
+            Ok(joined) => joined.context("server task")?.context("serving HTTP")?,
+            Err(_) => tracing::warn!("in-flight requests did not finish within the shutdown timeout"),
+        }
+        publisher.flush().await;
+        tracing::info!("ingest stopped");
+        outcome
+    }
+}
+
+/// Runs stream setup; when it succeeds, waits forever (the shutdown signal ends the service).
+async fn setup_until_done(setup: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    setup.await?;
+    std::future::pending().await
+}
+
+fn verifiers(settings: &Settings) -> anyhow::Result<HashMap<String, Verifier>> {
+    let tolerance = settings.webhook.tolerance;
+    let mut endpoints = HashMap::new();
+    if !settings.webhook.secrets.is_empty() {
+        endpoints.insert(DEFAULT_ENDPOINT.to_owned(), Verifier::new(&settings.webhook.secrets, tolerance).map_err(anyhow::Error::msg)?);
+    }
+    for (name, endpoint) in &settings.webhook.endpoints {
+        let verifier = Verifier::new(&endpoint.secrets, tolerance)
+            .map_err(|e| anyhow::anyhow!("webhook endpoint {name:?}: {e}"))?;
+        endpoints.insert(name.clone(), verifier);
+    }
+    anyhow::ensure!(
+        !endpoints.is_empty(),
+        "no webhook secret configured: set STRIPE_WEBHOOK_SECRET (the endpoint's signing secret, whsec_...)"
+    );
+    Ok(endpoints)
+}

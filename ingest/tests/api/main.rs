@@ -1,0 +1,8 @@
+//! Ingest against a real NATS JetStream: signatures, bad input, publishing, outages, lifecycle.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod helpers;
+mod lifecycle;
+mod outage;
+mod publishing;
+mod rejections;

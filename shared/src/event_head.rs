@@ -1,0 +1,223 @@
+//! The event head: the few fields of a Stripe event that routing and ordering need, read in one pass without
+//! copying the body. Everything else in the event is skipped by the parser and kept byte for byte in the raw body.
+
+use std::borrow::Cow;
+
+use serde::de::{Deserializer, IgnoredAny, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// Why a body is not a Stripe event.
+#[derive(Debug, thiserror::Error)]
+pub enum HeadError {
+    /// The body is not JSON.
+    #[error("body is not JSON: {0}")]
+    NotJson(serde_json::Error),
+    /// JSON, but without the string `id` and `type` every Stripe event has.
+    #[error("body is not a Stripe event: {0}")]
+    NotAnEvent(&'static str),
+}
+
+/// The head of a Stripe event, generic over how `data.object` is read: [`ObjectHead`] when only its id and type
+/// are needed (ingest), `&RawValue` when its exact bytes are kept too (applier).
+#[derive(Debug, Deserialize)]
+pub struct EventHead<'a, O> {
+    /// Event id, `evt_...`.
+    #[serde(borrow, default, deserialize_with = "lenient_str")]
+    pub id: Option<Cow<'a, str>>,
+    /// Event type, e.g. `customer.updated`.
+    #[serde(rename = "type", borrow, default, deserialize_with = "lenient_str")]
+    pub event_type: Option<Cow<'a, str>>,
+    /// Unix seconds when Stripe created the event.
+    #[serde(default, deserialize_with = "lenient_i64")]
+    pub created: Option<i64>,
+    /// Connected account the event belongs to (Stripe Connect); absent for the platform's own events.
+    #[serde(borrow, default, deserialize_with = "lenient_str")]
+    pub account: Option<Cow<'a, str>>,
+    /// Live or test mode.
+    #[serde(default, deserialize_with = "lenient_bool")]
+    pub livemode: Option<bool>,
+    /// API version the payload was rendered with.
+    #[serde(borrow, default, deserialize_with = "lenient_str")]
+    pub api_version: Option<Cow<'a, str>>,
+    /// `data`, of which only `object` is read.
+    #[serde(default = "no_data")]
+    pub data: EventData<O>,
+}
+
+fn no_data<O>() -> EventData<O> {
+    EventData { object: None }
+}
+
+/// `data` of an event.
+#[derive(Debug, Deserialize)]
+pub struct EventData<O> {
+    /// The object the event is about.
+    #[serde(default = "none")]
+    pub object: Option<O>,
+}
+
+fn none<O>() -> Option<O> {
+    None
+}
+
+/// `id` and `object` (its type) of a Stripe object.
+#[derive(Debug, Default, Deserialize)]
+pub struct ObjectHead<'a> {
+    /// Object id, absent for objects that have none (`balance`).
+    #[serde(borrow, default, deserialize_with = "lenient_str")]
+    pub id: Option<Cow<'a, str>>,
+    /// Object type, e.g. `customer`, `checkout.session`.
+    #[serde(borrow, default, deserialize_with = "lenient_str")]
+    pub object: Option<Cow<'a, str>>,
+}
+
+/// What ingest reads: id and type are required, the rest is optional.
+#[derive(Debug)]
+pub struct RoutingHead<'a> {
+    /// Event id.
+    pub id: Cow<'a, str>,
+    /// Event type.
+    pub event_type: Cow<'a, str>,
+    /// Connected account, if any.
+    pub account: Option<Cow<'a, str>>,
+    /// `data.object.id`, if any.
+    pub object_id: Option<Cow<'a, str>>,
+    /// `data.object.object`, if any.
+    pub object_type: Option<Cow<'a, str>>,
+}
+
+impl<'a> RoutingHead<'a> {
+    /// Reads the head of a body in one pass. Fails only when the body is not JSON or lacks a string `id`/`type`.
+    pub fn parse(body: &'a [u8]) -> Result<Self, HeadError> {
+        let head: EventHead<'a, ObjectHead<'a>> = parse_object(body)?;
+        let id = head.id.filter(|s| !s.is_empty()).ok_or(HeadError::NotAnEvent("no string `id`"))?;
+        let event_type =
+            head.event_type.filter(|s| !s.is_empty()).ok_or(HeadError::NotAnEvent("no string `type`"))?;
+        let object = head.data.object.unwrap_or_default();
+        Ok(Self { id, event_type, account: head.account, object_id: object.id, object_type: object.object })
+    }
+}
+
+/// Parses a body that must be a JSON object (serde would also read a struct from an array) into an event head.
+pub fn parse_object<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, HeadError> {
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => serde_json::from_slice(body).map_err(HeadError::NotJson),
+        _ => match serde_json::from_slice::<IgnoredAny>(body) {
+            Err(err) => Err(HeadError::NotJson(err)),
+            Ok(_) => Err(HeadError::NotAnEvent("not a JSON object")),
+        },
+    }
+}
+
+/// Parses `data.object` kept as raw bytes into its id and type.
+pub fn object_head(raw: &RawValue) -> ObjectHead<'_> {
+    serde_json::from_str(raw.get()).unwrap_or_default()
+}
+
+// Lenient readers: a field of an unexpected JSON type reads as absent instead of failing the whole parse, so a
+// change in Stripe's payloads can't turn a valid event into a rejected one.
+
+fn lenient_str<'de: 'a, 'a, D: Deserializer<'de>>(d: D) -> Result<Option<Cow<'a, str>>, D::Error> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Option<Cow<'de, str>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Borrowed(v)))
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(v.to_owned())))
+        }
+        fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(v)))
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+            IgnoredAny.visit_seq(seq).map(|_| None)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            IgnoredAny.visit_map(map).map(|_| None)
+        }
+    }
+    d.deserialize_any(V)
+}
+
+fn lenient_i64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Number(n) => n.as_i64(),
+        _ => None,
+    })
+}
+
+fn lenient_bool<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Bool(b) => Some(b),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_routing_fields_and_skips_nested_ids() {
+        let body = br#"{"id":"evt_1","object":"event","type":"customer.updated","account":"acct_9",
+            "data":{"object":{"metadata":{"id":"nested"},"id":"cus_1","object":"customer"},
+            "previous_attributes":{"id":"x"}}}"#;
+        let head = RoutingHead::parse(body).unwrap();
+        assert_eq!(head.id, "evt_1");
+        assert_eq!(head.event_type, "customer.updated");
+        assert_eq!(head.account.as_deref(), Some("acct_9"));
+        assert_eq!(head.object_id.as_deref(), Some("cus_1"));
+        assert_eq!(head.object_type.as_deref(), Some("customer"));
+    }
+
+    #[test]
+    fn rejects_what_is_not_an_event() {
+        assert!(matches!(RoutingHead::parse(b"not json"), Err(HeadError::NotJson(_))));
+        assert!(matches!(RoutingHead::parse(b" [\"evt_1\",\"t\"]"), Err(HeadError::NotAnEvent(_))));
+        assert!(matches!(RoutingHead::parse(br#"{"type":"x"}"#), Err(HeadError::NotAnEvent(_))));
+        assert!(matches!(RoutingHead::parse(br#"{"id":5,"type":"x"}"#), Err(HeadError::NotAnEvent(_))));
+        assert!(matches!(RoutingHead::parse(br#"{"id":"evt_1"}"#), Err(HeadError::NotAnEvent(_))));
+    }
+
+    #[test]
+    fn odd_types_in_optional_fields_do_not_reject_an_event() {
+        let body = br#"{"id":"evt_1","type":"x.y","created":"soon","account":{"id":"a"},"livemode":1,
+            "data":{"object":{"id":{"nested":true},"object":7}}}"#;
+        let head = RoutingHead::parse(body).unwrap();
+        assert_eq!(head.object_id, None);
+        assert_eq!(head.account, None);
+        let full: EventHead<&RawValue> = serde_json::from_slice(body).unwrap();
+        assert_eq!(full.created, None);
+        assert_eq!(full.livemode, None);
+    }
+
+    #[test]
+    fn keeps_the_object_bytes_exactly() {
+        let body = br#"{"id":"evt_1","type":"t","created":1700000000,"data":{"object":{"id":"o_1", "object":"thing","n":1.50}}}"#;
+        let head: EventHead<&RawValue> = serde_json::from_slice(body).unwrap();
+        let raw = head.data.object.unwrap();
+        assert_eq!(raw.get(), r#"{"id":"o_1", "object":"thing","n":1.50}"#);
+        assert_eq!(object_head(raw).id.as_deref(), Some("o_1"));
+        assert_eq!(head.created, Some(1_700_000_000));
+    }
+}

@@ -1,0 +1,226 @@
+//! Connecting to NATS and making sure the events stream and the dead-letter stream exist, as both binaries need.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, ErrorCode, context::GetStreamErrorKind, stream};
+use async_nats::{Client, ConnectOptions};
+use secrecy::ExposeSecret;
+
+use crate::settings::{NatsSettings, StreamSettings};
+use crate::subjects::{METADATA_PARTITIONS, Topology};
+
+/// Oldest NATS server we run against: pinned-client priority groups arrived in 2.11 (and stream metadata in 2.10).
+pub const MIN_SERVER_VERSION: (u64, u64) = (2, 11);
+
+/// Connects to NATS. With `wait_for_server` false the call returns at once and the client connects (and later
+/// reconnects) in the background, so a process can start, and stay up, while NATS is away.
+pub async fn connect(settings: &NatsSettings, name: &str, wait_for_server: bool) -> anyhow::Result<Client> {
+    let mut options = match &settings.credentials_file {
+        Some(path) => ConnectOptions::with_credentials_file(path)
+            .await
+            .with_context(|| format!("reading NATS credentials file {}", path.display()))?,
+        None => ConnectOptions::new(),
+    };
+    options = options
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .request_timeout(Some(settings.request_timeout))
+        .max_reconnects(None)
+        .reconnect_delay_callback(|attempt| Duration::from_millis((100u64 << attempt.min(5)).min(2_000)))
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS, reconnecting"),
+                other => tracing::info!(event = %other, "NATS client event"),
+            }
+        });
+    if !wait_for_server {
+        options = options.retry_on_initial_connect();
+    }
+    let url = settings.url.expose_secret();
+    options.connect(url).await.with_context(|| format!("connecting to NATS at {}", redact_url(url)))
+}
+
+/// Why the stream could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// Retrying can't help: the server is too old, or the stream exists with another shape.
+    #[error("{0}")]
+    Incompatible(String),
+    /// NATS is unreachable or failed the request; retrying may help.
+    #[error(transparent)]
+    Nats(#[from] anyhow::Error),
+}
+
+/// Refuses servers older than [`MIN_SERVER_VERSION`]: older ones accept but silently ignore settings we rely on.
+pub fn check_server_version(client: &Client) -> Result<(), SetupError> {
+    let info = client.server_info();
+    let version = parse_version(&info.version);
+    if version < MIN_SERVER_VERSION {
+        return Err(SetupError::Incompatible(format!(
+            "NATS server {} is too old: stripe-sync needs {}.{} or newer (pinned-client priority groups arrived in \
+             2.11; older servers accept the consumer settings and silently ignore them, so two appliers could work \
+             one partition at once). Upgrade the server (e.g. image nats:2.11).",
+            info.version,
+            MIN_SERVER_VERSION.0,
+            MIN_SERVER_VERSION.1
+        )));
+    }
+    Ok(())
+}
+
+fn parse_version(version: &str) -> (u64, u64) {
+    let mut parts = version.trim_start_matches('v').split(['.', '-']).map(|p| p.parse::<u64>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// Stream config the settings ask for (partition count only matters when the stream is created).
+fn events_stream_config(settings: &StreamSettings) -> stream::Config {
+    let topology = Topology { prefix: settings.subject_prefix.clone(), partitions: settings.partitions.max(1) };
+    stream::Config {
+        name: settings.name.clone(),
+        description: Some("Stripe webhook events, as received (stripe-sync)".into()),
+        subjects: vec![topology.events_wildcard()],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::Old,
+        max_age: settings.max_age,
+        max_bytes: settings.max_bytes,
+        duplicate_window: settings.duplicate_window,
+        num_replicas: settings.replicas,
+        allow_direct: true,
+        metadata: HashMap::from([(METADATA_PARTITIONS.to_owned(), topology.partitions.to_string())]),
+        ..Default::default()
+    }
+}
+
+/// Makes sure the events stream exists, creating it when missing, and returns the topology it was created with.
+///
+/// With `apply_retention` the stream's retention (age, size, duplicate window) is brought to the settings' values
+/// when they differ; only the writer (ingest) does that, so two processes with different settings can't fight.
+pub async fn ensure_events_stream(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+    apply_retention: bool,
+) -> Result<Topology, SetupError> {
+    check_server_version(&js.client())?;
+    let wanted = events_stream_config(settings);
+    let info = match js.get_stream(&settings.name).await {
+        Ok(mut stream) => {
+            let info = stream.info().await.context("reading the events stream's info")?.config.clone();
+            let differs = info.max_age != wanted.max_age
+                || info.max_bytes != wanted.max_bytes
+                || info.duplicate_window != wanted.duplicate_window;
+            if apply_retention && differs {
+                tracing::info!(stream = %settings.name, "updating the events stream's retention to the settings");
+                let mut updated = info.clone();
+                updated.max_age = wanted.max_age;
+                updated.max_bytes = wanted.max_bytes;
+                updated.duplicate_window = wanted.duplicate_window;
+                js.update_stream(updated).await.context("updating the events stream's retention")?;
+            }
+            info
+        }
+        Err(err) if is_stream_not_found(err.kind()) => {
+            tracing::info!(stream = %settings.name, partitions = settings.partitions, "creating the events stream");
+            match js.create_stream(wanted.clone()).await {
+                Ok(_) => wanted,
+                // Another process created it between our lookup and our create: take theirs.
+                Err(_) => js
+                    .get_stream(&settings.name)
+                    .await
+                    .context("reading the events stream after a concurrent create")?
+                    .cached_info()
+                    .config
+                    .clone(),
+            }
+        }
+        Err(err) => return Err(anyhow::Error::new(err).context("looking up the events stream").into()),
+    };
+    topology_of(&info, settings)
+}
+
+/// Reads the topology (prefix and partition count) a stream was created with.
+pub fn topology_of(config: &stream::Config, settings: &StreamSettings) -> Result<Topology, SetupError> {
+    let partitions = config
+        .metadata
+        .get(METADATA_PARTITIONS)
+        .and_then(|p| p.parse::<u32>().ok())
+        .ok_or_else(|| {
+            SetupError::Incompatible(format!(
+                "stream {} has no numeric `{METADATA_PARTITIONS}` metadata: it was not created by stripe-sync, or by \
+                 a NATS server older than 2.10 that dropped the metadata",
+                config.name
+            ))
+        })?;
+    let topology = Topology { prefix: settings.subject_prefix.clone(), partitions: partitions.max(1) };
+    if !config.subjects.contains(&topology.events_wildcard()) {
+        return Err(SetupError::Incompatible(format!(
+            "stream {} carries subjects {:?}, not {}: the subject prefix setting does not match the stream",
+            config.name,
+            config.subjects,
+            topology.events_wildcard()
+        )));
+    }
+    if partitions != settings.partitions {
+        tracing::warn!(
+            stream = %config.name,
+            stream_partitions = partitions,
+            setting_partitions = settings.partitions,
+            "the partition count is fixed when the stream is created; using the stream's"
+        );
+    }
+    Ok(topology)
+}
+
+/// Makes sure the dead-letter stream exists.
+pub async fn ensure_dlq_stream(js: &jetstream::Context, settings: &StreamSettings) -> anyhow::Result<stream::Stream> {
+    let topology = Topology { prefix: settings.subject_prefix.clone(), partitions: 1 };
+    js.get_or_create_stream(stream::Config {
+        name: settings.dlq_name.clone(),
+        description: Some("Stripe events the applier could not apply (stripe-sync dead letter)".into()),
+        subjects: vec![topology.dlq_wildcard()],
+        storage: stream::StorageType::File,
+        max_age: settings.dlq_max_age,
+        num_replicas: settings.replicas,
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await
+    .context("creating the dead-letter stream")
+}
+
+/// True when a stream lookup failed because the stream does not exist.
+pub fn is_stream_not_found(kind: GetStreamErrorKind) -> bool {
+    matches!(kind, GetStreamErrorKind::JetStream(e) if e.error_code() == ErrorCode::STREAM_NOT_FOUND)
+}
+
+/// A URL with any `user:password@` removed, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}[redacted]@{}", &url[..scheme + 3], &url[at + 1..]),
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_compare_by_major_and_minor() {
+        assert!(parse_version("2.9.10") < MIN_SERVER_VERSION);
+        assert!(parse_version("v2.11.0") >= MIN_SERVER_VERSION);
+        assert!(parse_version("2.15.1-beta") >= MIN_SERVER_VERSION);
+        assert!(parse_version("garbage") < MIN_SERVER_VERSION);
+    }
+
+    #[test]
+    fn credentials_are_removed_from_urls_in_logs() {
+        assert_eq!(redact_url("nats://u:p@host:4222"), "nats://[redacted]@host:4222");
+        assert_eq!(redact_url("postgres://u:p@h/db"), "postgres://[redacted]@h/db");
+        assert_eq!(redact_url("nats://host:4222"), "nats://host:4222");
+    }
+}

