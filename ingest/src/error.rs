@@ -1,9 +1,9 @@
 //! The one error type of the HTTP API and its mapping to status codes and short JSON bodies.
 //! Messages say what was wrong with the request; internals are logged, never echoed.
 
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
 use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use stripe_sync_shared::event_head::HeadError;
 
@@ -39,13 +39,25 @@ pub enum ApiError {
 impl ApiError {
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
-            Self::Signature(SignatureError::Missing) => (StatusCode::BAD_REQUEST, "signature_missing"),
-            Self::Signature(SignatureError::Malformed(_)) => (StatusCode::BAD_REQUEST, "signature_malformed"),
-            Self::Signature(SignatureError::Stale { .. }) => (StatusCode::BAD_REQUEST, "signature_stale"),
-            Self::Signature(SignatureError::Future { .. }) => (StatusCode::BAD_REQUEST, "signature_future"),
-            Self::Signature(SignatureError::Mismatch) => (StatusCode::BAD_REQUEST, "signature_mismatch"),
+            Self::Signature(SignatureError::Missing) => {
+                (StatusCode::BAD_REQUEST, "signature_missing")
+            }
+            Self::Signature(SignatureError::Malformed(_)) => {
+                (StatusCode::BAD_REQUEST, "signature_malformed")
+            }
+            Self::Signature(SignatureError::Stale { .. }) => {
+                (StatusCode::BAD_REQUEST, "signature_stale")
+            }
+            Self::Signature(SignatureError::Future { .. }) => {
+                (StatusCode::BAD_REQUEST, "signature_future")
+            }
+            Self::Signature(SignatureError::Mismatch) => {
+                (StatusCode::BAD_REQUEST, "signature_mismatch")
+            }
             Self::NotAnEvent(HeadError::NotJson(_)) => (StatusCode::BAD_REQUEST, "body_not_json"),
-            Self::NotAnEvent(HeadError::NotAnEvent(_)) => (StatusCode::BAD_REQUEST, "body_not_an_event"),
+            Self::NotAnEvent(HeadError::NotAnEvent(_)) => {
+                (StatusCode::BAD_REQUEST, "body_not_an_event")
+            }
             Self::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::BadBody => (StatusCode::BAD_REQUEST, "body_unreadable"),
             Self::UnknownEndpoint(_) => (StatusCode::NOT_FOUND, "unknown_endpoint"),
@@ -62,9 +74,15 @@ impl IntoResponse for ApiError {
         } else {
             tracing::info!(error = %self, code, "webhook refused");
         }
-        let mut response = (status, Json(json!({ "error": code, "message": self.to_string() }))).into_response();
+        let mut response = (
+            status,
+            Json(json!({ "error": code, "message": self.to_string() })),
+        )
+            .into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         }
         response
     }

@@ -44,7 +44,13 @@ impl Publisher {
     /// A publisher whose stream is not set up yet: see [`Publisher::set_up_stream`].
     pub fn new(client: Client, stream_name: &str, timeout: Duration) -> Self {
         let js = jetstream::new(client.clone());
-        Self { client, js, topology: Arc::new(OnceLock::new()), stream_name: stream_name.into(), timeout }
+        Self {
+            client,
+            js,
+            topology: Arc::new(OnceLock::new()),
+            stream_name: stream_name.into(),
+            timeout,
+        }
     }
 
     /// Waits for NATS, then creates or checks the events stream, retrying until it succeeds. Fails only when the
@@ -60,7 +66,9 @@ impl Publisher {
                         return Ok(topology);
                     }
                     Err(nats::SetupError::Incompatible(reason)) => anyhow::bail!(reason),
-                    Err(err) => tracing::warn!(error = %format!("{err:#}"), "events stream not ready, retrying"),
+                    Err(err) => {
+                        tracing::warn!(error = %format!("{err:#}"), "events stream not ready, retrying")
+                    }
                 }
             }
             tokio::time::sleep(delay).await;
@@ -72,9 +80,12 @@ impl Publisher {
     pub async fn is_ready(&self) -> bool {
         self.client.connection_state() == State::Connected
             && self.topology.get().is_some()
-            && tokio::time::timeout(Duration::from_secs(2), self.js.get_stream_no_info(&*self.stream_name))
-                .await
-                .is_ok_and(|r| r.is_ok())
+            && tokio::time::timeout(
+                Duration::from_secs(2),
+                self.js.get_stream_no_info(&*self.stream_name),
+            )
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// Largest payload the server accepts, once connected.
@@ -83,7 +94,12 @@ impl Publisher {
     }
 
     /// Publishes the raw body and returns JetStream's acknowledgement (a duplicate event id is acknowledged too).
-    pub async fn publish(&self, head: &RoutingHead<'_>, body: Bytes, endpoint: &str) -> Result<PublishAck, PublishError> {
+    pub async fn publish(
+        &self,
+        head: &RoutingHead<'_>,
+        body: Bytes,
+        endpoint: &str,
+    ) -> Result<PublishAck, PublishError> {
         if self.client.connection_state() != State::Connected {
             return Err(PublishError::Disconnected);
         }
@@ -93,21 +109,37 @@ impl Publisher {
 
         let mut headers = HeaderMap::new();
         headers.insert(subjects::HEADER_MSG_ID, head.id.as_ref());
-        headers.insert(subjects::HEADER_EVENT_TYPE, subjects::header_safe(&head.event_type, 256).as_str());
+        headers.insert(
+            subjects::HEADER_EVENT_TYPE,
+            subjects::header_safe(&head.event_type, 256).as_str(),
+        );
         if let Some(id) = &head.object_id {
-            headers.insert(subjects::HEADER_OBJECT_ID, subjects::header_safe(id, 512).as_str());
+            headers.insert(
+                subjects::HEADER_OBJECT_ID,
+                subjects::header_safe(id, 512).as_str(),
+            );
         }
         if let Some(object) = &head.object_type {
-            headers.insert(subjects::HEADER_OBJECT_TYPE, subjects::header_safe(object, 256).as_str());
+            headers.insert(
+                subjects::HEADER_OBJECT_TYPE,
+                subjects::header_safe(object, 256).as_str(),
+            );
         }
         if let Some(account) = &head.account {
-            headers.insert(subjects::HEADER_ACCOUNT, subjects::header_safe(account, 256).as_str());
+            headers.insert(
+                subjects::HEADER_ACCOUNT,
+                subjects::header_safe(account, 256).as_str(),
+            );
         }
         headers.insert(subjects::HEADER_ENDPOINT, endpoint);
         telemetry::inject_trace_context(&tracing::Span::current(), &mut headers);
 
         let publish = async {
-            let ack = self.js.publish_with_headers(subject, headers, body).await.map_err(|e| PublishError::Failed(e.to_string()))?;
+            let ack = self
+                .js
+                .publish_with_headers(subject, headers, body)
+                .await
+                .map_err(|e| PublishError::Failed(e.to_string()))?;
             ack.await.map_err(|e| PublishError::Failed(e.to_string()))
         };
         match tokio::time::timeout(self.timeout, publish).await {

@@ -5,13 +5,24 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 use serde::Deserialize;
-use stripe_sync_shared::settings::{self, comma_separated, NatsSettings, PlainEnv, StreamSettings, TelemetrySettings};
+use stripe_sync_shared::settings::{
+    self, NatsSettings, PlainEnv, StreamSettings, TelemetrySettings, comma_separated,
+};
 
 /// Plain environment names ingest honours, besides the shared ones.
 pub const PLAIN_ENV: &[PlainEnv] = &[
-    PlainEnv { var: "PORT", key: "http.port" },
-    PlainEnv { var: "STRIPE_WEBHOOK_SECRET", key: "webhook.secrets" },
-    PlainEnv { var: "STRIPE_CONNECT_WEBHOOK_SECRET", key: "webhook.endpoints.connect.secrets" },
+    PlainEnv {
+        var: "PORT",
+        key: "http.port",
+    },
+    PlainEnv {
+        var: "STRIPE_WEBHOOK_SECRET",
+        key: "webhook.secrets",
+    },
+    PlainEnv {
+        var: "STRIPE_CONNECT_WEBHOOK_SECRET",
+        key: "webhook.endpoints.connect.secrets",
+    },
 ];
 
 /// Everything `stripe-sync-ingest` reads at start.
@@ -28,6 +39,10 @@ pub struct Settings {
     pub stream: StreamSettings,
     /// Logs and traces.
     pub telemetry: TelemetrySettings,
+    /// The applier's sections, accepted and ignored so both binaries can share one environment or file.
+    pub database: serde::de::IgnoredAny,
+    /// See `database`.
+    pub applier: serde::de::IgnoredAny,
 }
 
 impl Settings {
@@ -37,7 +52,9 @@ impl Settings {
     }
 
     /// Loads settings from a given environment map (tests, the compose-file check).
-    pub fn load_from(env: &std::collections::HashMap<String, String>) -> Result<Self, stripe_sync_shared::ConfigError> {
+    pub fn load_from(
+        env: &std::collections::HashMap<String, String>,
+    ) -> Result<Self, stripe_sync_shared::ConfigError> {
         settings::load(env, PLAIN_ENV)
     }
 }

@@ -30,7 +30,9 @@ pub enum SignatureError {
         tolerance_secs: u64,
     },
     /// The timestamp is further in the future than the tolerance.
-    #[error("signature timestamp is {ahead_secs}s in the future, beyond the {tolerance_secs}s tolerance")]
+    #[error(
+        "signature timestamp is {ahead_secs}s in the future, beyond the {tolerance_secs}s tolerance"
+    )]
     Future {
         /// How far ahead of our clock.
         ahead_secs: u64,
@@ -52,7 +54,10 @@ pub struct Verifier {
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verifier").field("secrets", &self.keys.len()).field("tolerance", &self.tolerance).finish()
+        f.debug_struct("Verifier")
+            .field("secrets", &self.keys.len())
+            .field("tolerance", &self.tolerance)
+            .finish()
     }
 }
 
@@ -81,7 +86,10 @@ impl SignatureHeader {
                     if timestamp.is_some() {
                         return Err(SignatureError::Malformed("more than one timestamp"));
                     }
-                    let t = value.trim().parse::<i64>().map_err(|_| SignatureError::Malformed("timestamp is not an integer"))?;
+                    let t = value
+                        .trim()
+                        .parse::<i64>()
+                        .map_err(|_| SignatureError::Malformed("timestamp is not an integer"))?;
                     timestamp = Some(t);
                 }
                 "v1" => {
@@ -114,21 +122,35 @@ impl Verifier {
         }
         let keys = secrets
             .iter()
-            .map(|s| HmacSha256::new_from_slice(s.expose_secret().as_bytes()).map_err(|_| "invalid key length"))
+            .map(|s| {
+                HmacSha256::new_from_slice(s.expose_secret().as_bytes())
+                    .map_err(|_| "invalid key length")
+            })
             .collect::<Result<_, _>>()?;
         Ok(Self { keys, tolerance })
     }
 
     /// Checks a request: the header, the timestamp against `now_unix` and the tolerance, then the signatures.
-    pub fn verify(&self, header: Option<&str>, body: &[u8], now_unix: i64) -> Result<(), SignatureError> {
+    pub fn verify(
+        &self,
+        header: Option<&str>,
+        body: &[u8],
+        now_unix: i64,
+    ) -> Result<(), SignatureError> {
         let header = SignatureHeader::parse(header.ok_or(SignatureError::Missing)?)?;
         let tolerance = self.tolerance.as_secs();
         let age = now_unix.saturating_sub(header.timestamp);
         if age > 0 && age.unsigned_abs() > tolerance {
-            return Err(SignatureError::Stale { age_secs: age.unsigned_abs(), tolerance_secs: tolerance });
+            return Err(SignatureError::Stale {
+                age_secs: age.unsigned_abs(),
+                tolerance_secs: tolerance,
+            });
         }
         if age < 0 && age.unsigned_abs() > tolerance {
-            return Err(SignatureError::Future { ahead_secs: age.unsigned_abs(), tolerance_secs: tolerance });
+            return Err(SignatureError::Future {
+                ahead_secs: age.unsigned_abs(),
+                tolerance_secs: tolerance,
+            });
         }
         let prefix = format!("{}.", header.timestamp);
         for key in &self.keys {
@@ -151,11 +173,15 @@ mod tests {
     use super::*;
 
     fn sign(secret: &str, timestamp: i64, body: &[u8]) -> String {
-        format!("t={timestamp},v1={}", signature_hex(secret, timestamp, body))
+        format!(
+            "t={timestamp},v1={}",
+            signature_hex(secret, timestamp, body)
+        )
     }
 
     fn signature_hex(secret: &str, timestamp: i64, body: &[u8]) -> String {
-        let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).expect("HMAC accepts keys of any length");
+        let mut mac =
+            HmacSha256::new_from_slice(secret.as_bytes()).expect("HMAC accepts keys of any length");
         mac.update(format!("{timestamp}.").as_bytes());
         mac.update(body);
         hex::encode(mac.finalize().into_bytes())
@@ -181,47 +207,77 @@ mod tests {
     #[test]
     fn accepts_a_valid_signature() {
         let v = verifier(&["whsec_a"]);
-        assert_eq!(v.verify(Some(&sign("whsec_a", NOW, BODY)), BODY, NOW), Ok(()));
+        assert_eq!(
+            v.verify(Some(&sign("whsec_a", NOW, BODY)), BODY, NOW),
+            Ok(())
+        );
     }
 
     #[test]
     fn accepts_when_any_of_several_v1_matches() {
         let v = verifier(&["whsec_a"]);
-        let header =
-            format!("t={NOW},v1={},v1={},v0=abc", signature_hex("whsec_old", NOW, BODY), signature_hex("whsec_a", NOW, BODY));
+        let header = format!(
+            "t={NOW},v1={},v1={},v0=abc",
+            signature_hex("whsec_old", NOW, BODY),
+            signature_hex("whsec_a", NOW, BODY)
+        );
         assert_eq!(v.verify(Some(&header), BODY, NOW), Ok(()));
     }
 
     #[test]
     fn accepts_any_configured_secret_during_rotation() {
         let v = verifier(&["whsec_new", "whsec_old"]);
-        assert_eq!(v.verify(Some(&sign("whsec_old", NOW, BODY)), BODY, NOW), Ok(()));
-        assert_eq!(v.verify(Some(&sign("whsec_new", NOW, BODY)), BODY, NOW), Ok(()));
+        assert_eq!(
+            v.verify(Some(&sign("whsec_old", NOW, BODY)), BODY, NOW),
+            Ok(())
+        );
+        assert_eq!(
+            v.verify(Some(&sign("whsec_new", NOW, BODY)), BODY, NOW),
+            Ok(())
+        );
     }
 
     #[test]
     fn refuses_a_wrong_secret_and_a_tampered_body() {
         let v = verifier(&["whsec_a"]);
-        assert_eq!(v.verify(Some(&sign("whsec_b", NOW, BODY)), BODY, NOW), Err(SignatureError::Mismatch));
+        assert_eq!(
+            v.verify(Some(&sign("whsec_b", NOW, BODY)), BODY, NOW),
+            Err(SignatureError::Mismatch)
+        );
         let tampered = br#"{"id":"evt_1","type":"customer.deleted"}"#;
-        assert_eq!(v.verify(Some(&sign("whsec_a", NOW, BODY)), tampered, NOW), Err(SignatureError::Mismatch));
+        assert_eq!(
+            v.verify(Some(&sign("whsec_a", NOW, BODY)), tampered, NOW),
+            Err(SignatureError::Mismatch)
+        );
         // The timestamp is signed too: changing it breaks the signature.
         let moved = sign("whsec_a", NOW, BODY).replace(&NOW.to_string(), &(NOW + 1).to_string());
-        assert_eq!(v.verify(Some(&moved), BODY, NOW), Err(SignatureError::Mismatch));
+        assert_eq!(
+            v.verify(Some(&moved), BODY, NOW),
+            Err(SignatureError::Mismatch)
+        );
     }
 
     #[test]
     fn refuses_stale_and_future_timestamps_at_the_tolerance_edge() {
         let v = verifier(&["whsec_a"]);
-        assert_eq!(v.verify(Some(&sign("whsec_a", NOW - 300, BODY)), BODY, NOW), Ok(()));
+        assert_eq!(
+            v.verify(Some(&sign("whsec_a", NOW - 300, BODY)), BODY, NOW),
+            Ok(())
+        );
         assert!(matches!(
             v.verify(Some(&sign("whsec_a", NOW - 301, BODY)), BODY, NOW),
             Err(SignatureError::Stale { age_secs: 301, .. })
         ));
-        assert_eq!(v.verify(Some(&sign("whsec_a", NOW + 300, BODY)), BODY, NOW), Ok(()));
+        assert_eq!(
+            v.verify(Some(&sign("whsec_a", NOW + 300, BODY)), BODY, NOW),
+            Ok(())
+        );
         assert!(matches!(
             v.verify(Some(&sign("whsec_a", NOW + 301, BODY)), BODY, NOW),
-            Err(SignatureError::Future { ahead_secs: 301, .. })
+            Err(SignatureError::Future {
+                ahead_secs: 301,
+                ..
+            })
         ));
     }
 
@@ -229,9 +285,20 @@ mod tests {
     fn refuses_missing_and_malformed_headers() {
         let v = verifier(&["whsec_a"]);
         assert_eq!(v.verify(None, BODY, NOW), Err(SignatureError::Missing));
-        for header in ["", "garbage", "t=abc,v1=00", "v1=00", "t=1700000000", "t=1700000000,v1=xyz", "t=1,t=2,v1=00"] {
+        for header in [
+            "",
+            "garbage",
+            "t=abc,v1=00",
+            "v1=00",
+            "t=1700000000",
+            "t=1700000000,v1=xyz",
+            "t=1,t=2,v1=00",
+        ] {
             assert!(
-                matches!(v.verify(Some(header), BODY, NOW), Err(SignatureError::Malformed(_))),
+                matches!(
+                    v.verify(Some(header), BODY, NOW),
+                    Err(SignatureError::Malformed(_))
+                ),
                 "{header:?} should be malformed"
             );
         }
@@ -240,7 +307,10 @@ mod tests {
     #[test]
     fn tolerates_spaces_and_unknown_schemes() {
         let v = verifier(&["whsec_a"]);
-        let header = format!(" t={NOW} , v2=zzz , v1={} ", signature_hex("whsec_a", NOW, BODY));
+        let header = format!(
+            " t={NOW} , v2=zzz , v1={} ",
+            signature_hex("whsec_a", NOW, BODY)
+        );
         assert_eq!(v.verify(Some(&header), BODY, NOW), Ok(()));
     }
 

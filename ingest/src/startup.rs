@@ -29,11 +29,25 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let endpoints = verifiers(&settings)?;
         let client = nats::connect(&settings.nats, "stripe-sync-ingest", false).await?;
-        let publisher = Publisher::new(client, &settings.stream.name, settings.webhook.publish_timeout);
+        let publisher = Publisher::new(
+            client,
+            &settings.stream.name,
+            settings.webhook.publish_timeout,
+        );
         let address = format!("{}:{}", settings.http.host, settings.http.port);
-        let listener = TcpListener::bind(&address).await.with_context(|| format!("binding {address}"))?;
-        let state = AppState { endpoints: Arc::new(endpoints), publisher, body_limit: settings.http.body_limit };
-        Ok(Self { listener, state, settings })
+        let listener = TcpListener::bind(&address)
+            .await
+            .with_context(|| format!("binding {address}"))?;
+        let state = AppState {
+            endpoints: Arc::new(endpoints),
+            publisher,
+            body_limit: settings.http.body_limit,
+        };
+        Ok(Self {
+            listener,
+            state,
+            settings,
+        })
     }
 
     /// The bound port (useful with port 0).
@@ -44,8 +58,15 @@ impl Application {
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish their publishes
     /// (bounded by `http.shutdown_timeout`) and flushes the NATS connection. Errors only when the stream can never
     /// be set up (NATS too old, or a stream of another shape).
-    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let Self { listener, state, settings } = self;
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Self {
+            listener,
+            state,
+            settings,
+        } = self;
         let publisher = state.publisher.clone();
         let body_limit = settings.http.body_limit;
         let setup = {
@@ -83,7 +104,9 @@ impl Application {
         let _ = stop_tx.send(true);
         match tokio::time::timeout(settings.http.shutdown_timeout, server).await {
             Ok(joined) => joined.context("server task")?.context("serving HTTP")?,
-            Err(_) => tracing::warn!("in-flight requests did not finish within the shutdown timeout"),
+            Err(_) => {
+                tracing::warn!("in-flight requests did not finish within the shutdown timeout")
+            }
         }
         publisher.flush().await;
         tracing::info!("ingest stopped");
@@ -101,7 +124,10 @@ fn verifiers(settings: &Settings) -> anyhow::Result<HashMap<String, Verifier>> {
     let tolerance = settings.webhook.tolerance;
     let mut endpoints = HashMap::new();
     if !settings.webhook.secrets.is_empty() {
-        endpoints.insert(DEFAULT_ENDPOINT.to_owned(), Verifier::new(&settings.webhook.secrets, tolerance).map_err(anyhow::Error::msg)?);
+        endpoints.insert(
+            DEFAULT_ENDPOINT.to_owned(),
+            Verifier::new(&settings.webhook.secrets, tolerance).map_err(anyhow::Error::msg)?,
+        );
     }
     for (name, endpoint) in &settings.webhook.endpoints {
         let verifier = Verifier::new(&endpoint.secrets, tolerance)

@@ -3,8 +3,8 @@
 
 use std::borrow::Cow;
 
-use serde::de::{Deserializer, IgnoredAny, Visitor};
 use serde::Deserialize;
+use serde::de::{Deserializer, IgnoredAny, Visitor};
 use serde_json::value::RawValue;
 
 /// Why a body is not a Stripe event.
@@ -91,11 +91,22 @@ impl<'a> RoutingHead<'a> {
     /// Reads the head of a body in one pass. Fails only when the body is not JSON or lacks a string `id`/`type`.
     pub fn parse(body: &'a [u8]) -> Result<Self, HeadError> {
         let head: EventHead<'a, ObjectHead<'a>> = parse_object(body)?;
-        let id = head.id.filter(|s| !s.is_empty()).ok_or(HeadError::NotAnEvent("no string `id`"))?;
-        let event_type =
-            head.event_type.filter(|s| !s.is_empty()).ok_or(HeadError::NotAnEvent("no string `type`"))?;
+        let id = head
+            .id
+            .filter(|s| !s.is_empty())
+            .ok_or(HeadError::NotAnEvent("no string `id`"))?;
+        let event_type = head
+            .event_type
+            .filter(|s| !s.is_empty())
+            .ok_or(HeadError::NotAnEvent("no string `type`"))?;
         let object = head.data.object.unwrap_or_default();
-        Ok(Self { id, event_type, account: head.account, object_id: object.id, object_type: object.object })
+        Ok(Self {
+            id,
+            event_type,
+            account: head.account,
+            object_id: object.id,
+            object_type: object.object,
+        })
     }
 }
 
@@ -192,16 +203,32 @@ mod tests {
 
     #[test]
     fn rejects_what_is_not_an_event() {
-        assert!(matches!(RoutingHead::parse(b"not json"), Err(HeadError::NotJson(_))));
-        assert!(matches!(RoutingHead::parse(b" [\"evt_1\",\"t\"]"), Err(HeadError::NotAnEvent(_))));
-        assert!(matches!(RoutingHead::parse(br#"{"type":"x"}"#), Err(HeadError::NotAnEvent(_))));
-        assert!(matches!(RoutingHead::parse(br#"{"id":5,"type":"x"}"#), Err(HeadError::NotAnEvent(_))));
-        assert!(matches!(RoutingHead::parse(br#"{"id":"evt_1"}"#), Err(HeadError::NotAnEvent(_))));
+        assert!(matches!(
+            RoutingHead::parse(b"not json"),
+            Err(HeadError::NotJson(_))
+        ));
+        assert!(matches!(
+            RoutingHead::parse(b" [\"evt_1\",\"t\"]"),
+            Err(HeadError::NotAnEvent(_))
+        ));
+        assert!(matches!(
+            RoutingHead::parse(br#"{"type":"x"}"#),
+            Err(HeadError::NotAnEvent(_))
+        ));
+        assert!(matches!(
+            RoutingHead::parse(br#"{"id":5,"type":"x"}"#),
+            Err(HeadError::NotAnEvent(_))
+        ));
+        assert!(matches!(
+            RoutingHead::parse(br#"{"id":"evt_1"}"#),
+            Err(HeadError::NotAnEvent(_))
+        ));
     }
 
     #[test]
     fn odd_types_in_optional_fields_do_not_reject_an_event() {
-        let body = br#"{"id":"evt_1","type":"x.y","created":"soon","account":{"id":"a"},"livemode":1,
+        let body =
+            br#"{"id":"evt_1","type":"x.y","created":"soon","account":{"id":"a"},"livemode":1,
             "data":{"object":{"id":{"nested":true},"object":7}}}"#;
         let head = RoutingHead::parse(body).unwrap();
         assert_eq!(head.object_id, None);

@@ -16,7 +16,11 @@ pub const MIN_SERVER_VERSION: (u64, u64) = (2, 11);
 
 /// Connects to NATS. With `wait_for_server` false the call returns at once and the client connects (and later
 /// reconnects) in the background, so a process can start, and stay up, while NATS is away.
-pub async fn connect(settings: &NatsSettings, name: &str, wait_for_server: bool) -> anyhow::Result<Client> {
+pub async fn connect(
+    settings: &NatsSettings,
+    name: &str,
+    wait_for_server: bool,
+) -> anyhow::Result<Client> {
     let mut options = match &settings.credentials_file {
         Some(path) => ConnectOptions::with_credentials_file(path)
             .await
@@ -28,11 +32,15 @@ pub async fn connect(settings: &NatsSettings, name: &str, wait_for_server: bool)
         .connection_timeout(Duration::from_secs(5))
         .request_timeout(Some(settings.request_timeout))
         .max_reconnects(None)
-        .reconnect_delay_callback(|attempt| Duration::from_millis((100u64 << attempt.min(5)).min(2_000)))
+        .reconnect_delay_callback(|attempt| {
+            Duration::from_millis((100u64 << attempt.min(5)).min(2_000))
+        })
         .event_callback(|event| async move {
             match event {
                 async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS, reconnecting"),
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("disconnected from NATS, reconnecting")
+                }
                 other => tracing::info!(event = %other, "NATS client event"),
             }
         });
@@ -40,7 +48,10 @@ pub async fn connect(settings: &NatsSettings, name: &str, wait_for_server: bool)
         options = options.retry_on_initial_connect();
     }
     let url = settings.url.expose_secret();
-    options.connect(url).await.with_context(|| format!("connecting to NATS at {}", redact_url(url)))
+    options
+        .connect(url)
+        .await
+        .with_context(|| format!("connecting to NATS at {}", redact_url(url)))
 }
 
 /// Why the stream could not be set up.
@@ -63,22 +74,26 @@ pub fn check_server_version(client: &Client) -> Result<(), SetupError> {
             "NATS server {} is too old: stripe-sync needs {}.{} or newer (pinned-client priority groups arrived in \
              2.11; older servers accept the consumer settings and silently ignore them, so two appliers could work \
              one partition at once). Upgrade the server (e.g. image nats:2.11).",
-            info.version,
-            MIN_SERVER_VERSION.0,
-            MIN_SERVER_VERSION.1
+            info.version, MIN_SERVER_VERSION.0, MIN_SERVER_VERSION.1
         )));
     }
     Ok(())
 }
 
 fn parse_version(version: &str) -> (u64, u64) {
-    let mut parts = version.trim_start_matches('v').split(['.', '-']).map(|p| p.parse::<u64>().unwrap_or(0));
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(['.', '-'])
+        .map(|p| p.parse::<u64>().unwrap_or(0));
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
 /// Stream config the settings ask for (partition count only matters when the stream is created).
 fn events_stream_config(settings: &StreamSettings) -> stream::Config {
-    let topology = Topology { prefix: settings.subject_prefix.clone(), partitions: settings.partitions.max(1) };
+    let topology = Topology {
+        prefix: settings.subject_prefix.clone(),
+        partitions: settings.partitions.max(1),
+    };
     stream::Config {
         name: settings.name.clone(),
         description: Some("Stripe webhook events, as received (stripe-sync)".into()),
@@ -91,7 +106,10 @@ fn events_stream_config(settings: &StreamSettings) -> stream::Config {
         duplicate_window: settings.duplicate_window,
         num_replicas: settings.replicas,
         allow_direct: true,
-        metadata: HashMap::from([(METADATA_PARTITIONS.to_owned(), topology.partitions.to_string())]),
+        metadata: HashMap::from([(
+            METADATA_PARTITIONS.to_owned(),
+            topology.partitions.to_string(),
+        )]),
         ..Default::default()
     }
 }
@@ -109,7 +127,12 @@ pub async fn ensure_events_stream(
     let wanted = events_stream_config(settings);
     let info = match js.get_stream(&settings.name).await {
         Ok(mut stream) => {
-            let info = stream.info().await.context("reading the events stream's info")?.config.clone();
+            let info = stream
+                .info()
+                .await
+                .context("reading the events stream's info")?
+                .config
+                .clone();
             let differs = info.max_age != wanted.max_age
                 || info.max_bytes != wanted.max_bytes
                 || info.duplicate_window != wanted.duplicate_window;
@@ -119,7 +142,9 @@ pub async fn ensure_events_stream(
                 updated.max_age = wanted.max_age;
                 updated.max_bytes = wanted.max_bytes;
                 updated.duplicate_window = wanted.duplicate_window;
-                js.update_stream(updated).await.context("updating the events stream's retention")?;
+                js.update_stream(updated)
+                    .await
+                    .context("updating the events stream's retention")?;
             }
             info
         }
@@ -137,13 +162,20 @@ pub async fn ensure_events_stream(
                     .clone(),
             }
         }
-        Err(err) => return Err(anyhow::Error::new(err).context("looking up the events stream").into()),
+        Err(err) => {
+            return Err(anyhow::Error::new(err)
+                .context("looking up the events stream")
+                .into());
+        }
     };
     topology_of(&info, settings)
 }
 
 /// Reads the topology (prefix and partition count) a stream was created with.
-pub fn topology_of(config: &stream::Config, settings: &StreamSettings) -> Result<Topology, SetupError> {
+pub fn topology_of(
+    config: &stream::Config,
+    settings: &StreamSettings,
+) -> Result<Topology, SetupError> {
     let partitions = config
         .metadata
         .get(METADATA_PARTITIONS)
@@ -155,7 +187,10 @@ pub fn topology_of(config: &stream::Config, settings: &StreamSettings) -> Result
                 config.name
             ))
         })?;
-    let topology = Topology { prefix: settings.subject_prefix.clone(), partitions: partitions.max(1) };
+    let topology = Topology {
+        prefix: settings.subject_prefix.clone(),
+        partitions: partitions.max(1),
+    };
     if !config.subjects.contains(&topology.events_wildcard()) {
         return Err(SetupError::Incompatible(format!(
             "stream {} carries subjects {:?}, not {}: the subject prefix setting does not match the stream",
@@ -176,11 +211,19 @@ pub fn topology_of(config: &stream::Config, settings: &StreamSettings) -> Result
 }
 
 /// Makes sure the dead-letter stream exists.
-pub async fn ensure_dlq_stream(js: &jetstream::Context, settings: &StreamSettings) -> anyhow::Result<stream::Stream> {
-    let topology = Topology { prefix: settings.subject_prefix.clone(), partitions: 1 };
+pub async fn ensure_dlq_stream(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> anyhow::Result<stream::Stream> {
+    let topology = Topology {
+        prefix: settings.subject_prefix.clone(),
+        partitions: 1,
+    };
     js.get_or_create_stream(stream::Config {
         name: settings.dlq_name.clone(),
-        description: Some("Stripe events the applier could not apply (stripe-sync dead letter)".into()),
+        description: Some(
+            "Stripe events the applier could not apply (stripe-sync dead letter)".into(),
+        ),
         subjects: vec![topology.dlq_wildcard()],
         storage: stream::StorageType::File,
         max_age: settings.dlq_max_age,
@@ -200,7 +243,9 @@ pub fn is_stream_not_found(kind: GetStreamErrorKind) -> bool {
 /// A URL with any `user:password@` removed, for logs.
 pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}[redacted]@{}", &url[..scheme + 3], &url[at + 1..]),
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}[redacted]@{}", &url[..scheme + 3], &url[at + 1..])
+        }
         _ => url.to_owned(),
     }
 }
@@ -219,8 +264,14 @@ mod tests {
 
     #[test]
     fn credentials_are_removed_from_urls_in_logs() {
-        assert_eq!(redact_url("nats://u:p@host:4222"), "nats://[redacted]@host:4222");
-        assert_eq!(redact_url("postgres://u:p@h/db"), "postgres://[redacted]@h/db");
+        assert_eq!(
+            redact_url("nats://u:p@host:4222"),
+            "nats://[redacted]@host:4222"
+        );
+        assert_eq!(
+            redact_url("postgres://u:p@h/db"),
+            "postgres://[redacted]@h/db"
+        );
         assert_eq!(redact_url("nats://host:4222"), "nats://host:4222");
     }
 }

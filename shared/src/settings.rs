@@ -30,10 +30,22 @@ pub struct PlainEnv {
 
 /// Plain names both binaries honour.
 pub const SHARED_PLAIN_ENV: &[PlainEnv] = &[
-    PlainEnv { var: "NATS_URL", key: "nats.url" },
-    PlainEnv { var: "RUST_LOG", key: "telemetry.filter" },
-    PlainEnv { var: "OTEL_EXPORTER_OTLP_ENDPOINT", key: "telemetry.otlp_endpoint" },
-    PlainEnv { var: "OTEL_SERVICE_NAME", key: "telemetry.service_name" },
+    PlainEnv {
+        var: "NATS_URL",
+        key: "nats.url",
+    },
+    PlainEnv {
+        var: "RUST_LOG",
+        key: "telemetry.filter",
+    },
+    PlainEnv {
+        var: "OTEL_EXPORTER_OTLP_ENDPOINT",
+        key: "telemetry.otlp_endpoint",
+    },
+    PlainEnv {
+        var: "OTEL_SERVICE_NAME",
+        key: "telemetry.service_name",
+    },
 ];
 
 /// Builds a settings struct from an environment map (the process's, or a test's) and an optional file.
@@ -77,7 +89,9 @@ pub fn load<T: DeserializeOwned>(
 }
 
 /// Loads settings from the process environment.
-pub fn load_from_process_env<T: DeserializeOwned>(plain: &[PlainEnv]) -> Result<T, config::ConfigError> {
+pub fn load_from_process_env<T: DeserializeOwned>(
+    plain: &[PlainEnv],
+) -> Result<T, config::ConfigError> {
     load(&std::env::vars().collect(), plain)
 }
 
@@ -165,7 +179,12 @@ pub struct TelemetrySettings {
 
 impl Default for TelemetrySettings {
     fn default() -> Self {
-        Self { format: LogFormat::Auto, filter: "info".into(), otlp_endpoint: None, service_name: None }
+        Self {
+            format: LogFormat::Auto,
+            filter: "info".into(),
+            otlp_endpoint: None,
+            service_name: None,
+        }
     }
 }
 
@@ -219,7 +238,10 @@ mod tests {
     }
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -247,9 +269,14 @@ mod tests {
         assert_eq!(s.stream.partitions, 4);
         assert_eq!(s.telemetry.filter, "debug");
 
-        let s: Probe =
-            load(&env(&[("NATS_URL", "nats://plain:4222"), ("STRIPE_SYNC__NATS__URL", "nats://prefixed:4222")]), &[])
-                .unwrap();
+        let s: Probe = load(
+            &env(&[
+                ("NATS_URL", "nats://plain:4222"),
+                ("STRIPE_SYNC__NATS__URL", "nats://prefixed:4222"),
+            ]),
+            &[],
+        )
+        .unwrap();
         assert_eq!(s.nats.url.expose_secret(), "nats://prefixed:4222");
     }
 
@@ -270,9 +297,16 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("stripe-sync-settings-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("s.toml");
-        std::fs::write(&path, "[stream]\nname = \"FROM_FILE\"\nsubject_prefix = \"file\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "[stream]\nname = \"FROM_FILE\"\nsubject_prefix = \"file\"\n",
+        )
+        .unwrap();
         let s: Probe = load(
-            &env(&[(CONFIG_FILE_ENV, path.to_str().unwrap()), ("STRIPE_SYNC__STREAM__NAME", "FROM_ENV")]),
+            &env(&[
+                (CONFIG_FILE_ENV, path.to_str().unwrap()),
+                ("STRIPE_SYNC__STREAM__NAME", "FROM_ENV"),
+            ]),
             &[],
         )
         .unwrap();

@@ -40,7 +40,12 @@ pub struct Topology {
 impl Topology {
     /// Subject an event is published to: `<prefix>.events.<partition>.<event type>`.
     pub fn event_subject(&self, partition: u32, event_type: &str) -> String {
-        format!("{}.events.{}.{}", self.prefix, partition, subject_safe(event_type))
+        format!(
+            "{}.events.{}.{}",
+            self.prefix,
+            partition,
+            subject_safe(event_type)
+        )
     }
 
     /// Wildcard covering every event subject, for the stream.
@@ -75,14 +80,27 @@ impl Topology {
 pub fn subject_safe(event_type: &str) -> String {
     let cleaned: String = event_type
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
-    cleaned.split('.').map(|t| if t.is_empty() { "_" } else { t }).collect::<Vec<_>>().join(".")
+    cleaned
+        .split('.')
+        .map(|t| if t.is_empty() { "_" } else { t })
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 /// Makes a value safe for a NATS header (no CR/LF), truncating very long ones.
 pub fn header_safe(value: &str, max_len: usize) -> String {
-    let mut out: String = value.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let mut out: String = value
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     if out.len() > max_len {
         let mut cut = max_len;
         while !out.is_char_boundary(cut) {
@@ -99,22 +117,36 @@ mod tests {
 
     #[test]
     fn stripe_types_pass_unchanged_and_odd_ones_are_made_safe() {
-        assert_eq!(subject_safe("customer.subscription.updated"), "customer.subscription.updated");
+        assert_eq!(
+            subject_safe("customer.subscription.updated"),
+            "customer.subscription.updated"
+        );
         assert_eq!(subject_safe("a b.*.>"), "a_b._._");
         assert_eq!(subject_safe("..x."), "_._.x._");
     }
 
     #[test]
     fn one_object_always_lands_in_one_partition_and_partitions_spread() {
-        let t = Topology { prefix: "stripe".into(), partitions: 16 };
+        let t = Topology {
+            prefix: "stripe".into(),
+            partitions: 16,
+        };
         assert_eq!(t.partition_of("cus_123"), t.partition_of("cus_123"));
-        let used: std::collections::HashSet<u32> = (0..1000).map(|i| t.partition_of(&format!("cus_{i}"))).collect();
+        let used: std::collections::HashSet<u32> = (0..1000)
+            .map(|i| t.partition_of(&format!("cus_{i}")))
+            .collect();
         assert_eq!(used.len(), 16);
         // The function is part of the wire format: pin a value (computed with Python's `xxhash.xxh3_64`) so a
         // change can't slip through.
         assert_eq!(t.partition_of("cus_123"), 7);
-        let one = Topology { prefix: "stripe".into(), partitions: 1 };
-        assert_eq!(one.event_subject(one.partition_of("x"), "price.created"), "stripe.events.0.price.created");
+        let one = Topology {
+            prefix: "stripe".into(),
+            partitions: 1,
+        };
+        assert_eq!(
+            one.event_subject(one.partition_of("x"), "price.created"),
+            "stripe.events.0.price.created"
+        );
     }
 
     #[test]

@@ -8,13 +8,13 @@ use async_nats::HeaderMap;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use opentelemetry_sdk::Resource;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::settings::{LogFormat, TelemetrySettings};
@@ -35,9 +35,15 @@ impl Drop for TelemetryGuard {
 /// Installs the global subscriber. Spans always carry OpenTelemetry context (so trace ids cross NATS even when
 /// nothing is exported); they are exported only when `otlp_endpoint` is set.
 pub fn init(settings: &TelemetrySettings, default_service: &str) -> anyhow::Result<TelemetryGuard> {
-    let service = settings.service_name.clone().unwrap_or_else(|| default_service.to_owned());
-    let mut builder = SdkTracerProvider::builder()
-        .with_resource(Resource::builder_empty().with_service_name(service.clone()).build());
+    let service = settings
+        .service_name
+        .clone()
+        .unwrap_or_else(|| default_service.to_owned());
+    let mut builder = SdkTracerProvider::builder().with_resource(
+        Resource::builder_empty()
+            .with_service_name(service.clone())
+            .build(),
+    );
     if let Some(endpoint) = settings.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
@@ -53,7 +59,9 @@ pub fn init(settings: &TelemetrySettings, default_service: &str) -> anyhow::Resu
         .with_target("stripe_sync_ingest", LevelFilter::INFO)
         .with_target("stripe_sync_applier", LevelFilter::INFO)
         .with_target("stripe_sync_shared", LevelFilter::INFO);
-    let otel_layer = tracing_opentelemetry::layer().with_tracer(provider.tracer(service)).with_filter(otel_filter);
+    let otel_layer = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer(service))
+        .with_filter(otel_filter);
 
     let filter = EnvFilter::try_new(&settings.filter)
         .with_context(|| format!("invalid log filter {:?}", settings.filter))?;
@@ -63,7 +71,12 @@ pub fn init(settings: &TelemetrySettings, default_service: &str) -> anyhow::Resu
         LogFormat::Auto => !std::io::stdout().is_terminal(),
     };
     let fmt_layer = if json {
-        tracing_subscriber::fmt::layer().json().flatten_event(true).with_current_span(true).with_span_list(false).boxed()
+        tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .boxed()
     } else {
         tracing_subscriber::fmt::layer().compact().boxed()
     };

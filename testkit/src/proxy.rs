@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -11,6 +12,7 @@ use tokio::sync::watch;
 pub struct TcpProxy {
     port: u16,
     open: Arc<watch::Sender<bool>>,
+    refused: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -20,18 +22,25 @@ impl TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let open = Arc::new(watch::Sender::new(true));
+        let refused = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn({
             let open = open.clone();
+            let refused = refused.clone();
             async move {
                 loop {
-                    let Ok((client, _)) = listener.accept().await else { continue };
+                    let Ok((client, _)) = listener.accept().await else {
+                        continue;
+                    };
                     if !*open.borrow() {
+                        refused.fetch_add(1, Ordering::Relaxed);
                         drop(client);
                         continue;
                     }
                     let mut closed = open.subscribe();
                     tokio::spawn(async move {
-                        let Ok(mut server) = TcpStream::connect(target).await else { return };
+                        let Ok(mut server) = TcpStream::connect(target).await else {
+                            return;
+                        };
                         let mut client = client;
                         tokio::select! {
                             _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
@@ -41,7 +50,17 @@ impl TcpProxy {
                 }
             }
         });
-        Self { port, open, task }
+        Self {
+            port,
+            open,
+            refused,
+            task,
+        }
+    }
+
+    /// Connections refused while cut (each one a client's attempt to reach the service).
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 
     /// Port to connect to instead of the target's.

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use hmac::{Hmac, KeyInit, Mac};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use sha2::Sha256;
 
 /// The secret tests configure ingest with.
@@ -13,7 +13,10 @@ pub const SECRET: &str = "whsec_test_secret";
 
 /// `Stripe-Signature` value for `body`, as Stripe computes it.
 pub fn sign(secret: &str, timestamp: i64, body: &[u8]) -> String {
-    format!("t={timestamp},v1={}", signature_hex(secret, timestamp, body))
+    format!(
+        "t={timestamp},v1={}",
+        signature_hex(secret, timestamp, body)
+    )
 }
 
 /// hex(HMAC-SHA256(secret, "<t>." + body)).
@@ -26,13 +29,17 @@ pub fn signature_hex(secret: &str, timestamp: i64, body: &[u8]) -> String {
 
 /// Unix seconds now.
 pub fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 fn fixtures() -> &'static BTreeMap<String, Value> {
     static FIXTURES: OnceLock<BTreeMap<String, Value>> = OnceLock::new();
     FIXTURES.get_or_init(|| {
-        let text = std::fs::read_to_string(crate::testdata_dir().join("stripe/fixtures3.json")).unwrap();
+        let text =
+            std::fs::read_to_string(crate::testdata_dir().join("stripe/fixtures3.json")).unwrap();
         let all: Value = serde_json::from_str(&text).unwrap();
         serde_json::from_value(all["resources"].clone()).unwrap()
     })
@@ -40,7 +47,10 @@ fn fixtures() -> &'static BTreeMap<String, Value> {
 
 /// Stripe's example object of a resource (`customer`, `checkout.session`...).
 pub fn fixture(resource: &str) -> Value {
-    fixtures().get(resource).unwrap_or_else(|| panic!("no fixture for {resource}")).clone()
+    fixtures()
+        .get(resource)
+        .unwrap_or_else(|| panic!("no fixture for {resource}"))
+        .clone()
 }
 
 /// Every example object, by resource name.
@@ -72,7 +82,8 @@ pub fn event(id: &str, event_type: &str, created: i64, object: Value) -> Value {
 
 /// Event type → object type of every snapshot event Stripe sends (`a|b` for polymorphic ones).
 pub fn event_types() -> BTreeMap<String, String> {
-    let text = std::fs::read_to_string(crate::testdata_dir().join("stripe/event-types.json")).unwrap();
+    let text =
+        std::fs::read_to_string(crate::testdata_dir().join("stripe/event-types.json")).unwrap();
     let all: BTreeMap<String, Value> = serde_json::from_str(&text).unwrap();
     all.into_iter()
         .filter(|(k, _)| !k.starts_with('_'))
@@ -87,7 +98,12 @@ pub fn peer_events() -> Vec<(String, Vec<u8>)> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "json"))
-        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
         .collect();
     out.sort();
     out

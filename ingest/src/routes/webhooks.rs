@@ -2,12 +2,12 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use axum::Json;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::Json;
 use bytes::Bytes;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use stripe_sync_shared::event_head::RoutingHead;
 
 use super::{AppState, DEFAULT_ENDPOINT};
@@ -34,7 +34,11 @@ pub async fn receive_named(
     receive(&state, &endpoint, &headers, body).await
 }
 
-#[tracing::instrument(name = "webhook", skip_all, fields(endpoint, event_id, event_type, stream_seq))]
+#[tracing::instrument(
+    name = "webhook",
+    skip_all,
+    fields(endpoint, event_id, event_type, stream_seq)
+)]
 async fn receive(
     state: &AppState,
     endpoint: &str,
@@ -43,9 +47,14 @@ async fn receive(
 ) -> Result<Json<Value>, ApiError> {
     let span = tracing::Span::current();
     span.record("endpoint", endpoint);
-    let verifier = state.endpoints.get(endpoint).ok_or_else(|| ApiError::UnknownEndpoint(endpoint.to_owned()))?;
+    let verifier = state
+        .endpoints
+        .get(endpoint)
+        .ok_or_else(|| ApiError::UnknownEndpoint(endpoint.to_owned()))?;
     let body = body.map_err(|rejection| match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge { limit: state.body_limit },
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge {
+            limit: state.body_limit,
+        },
         _ => ApiError::BadBody,
     })?;
 
@@ -56,12 +65,20 @@ async fn receive(
     span.record("event_id", head.id.as_ref());
     span.record("event_type", head.event_type.as_ref());
 
-    let ack = state.publisher.publish(&head, body.clone(), endpoint).await?;
+    let ack = state
+        .publisher
+        .publish(&head, body.clone(), endpoint)
+        .await?;
     span.record("stream_seq", ack.sequence);
     tracing::debug!(duplicate = ack.duplicate, "event stored");
-    Ok(Json(json!({ "received": true, "id": head.id, "duplicate": ack.duplicate })))
+    Ok(Json(
+        json!({ "received": true, "id": head.id, "duplicate": ack.duplicate }),
+    ))
 }
 
 fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }

@@ -47,8 +47,14 @@ pub async fn spawn_app_with(extra_env: &[(&str, &str)]) -> TestApp {
     let server = tokio::spawn(app.run_until(async move {
         let _ = rx.await;
     }));
-    let test_app =
-        TestApp { address, nats, http: reqwest::Client::new(), stream_name, shutdown: Some(tx), server };
+    let test_app = TestApp {
+        address,
+        nats,
+        http: reqwest::Client::new(),
+        stream_name,
+        shutdown: Some(tx),
+        server,
+    };
     test_app.wait_ready().await;
     test_app
 }
@@ -57,23 +63,38 @@ pub async fn spawn_app_with(extra_env: &[(&str, &str)]) -> TestApp {
 pub fn init_telemetry() {
     static INIT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     INIT.get_or_init(|| {
-        let settings = stripe_sync_shared::settings::TelemetrySettings { filter: "warn".into(), ..Default::default() };
+        let settings = stripe_sync_shared::settings::TelemetrySettings {
+            filter: "warn".into(),
+            ..Default::default()
+        };
         // Keep the guard for the whole process: dropping it would shut the tracer down.
-        std::mem::forget(stripe_sync_shared::telemetry::init(&settings, "ingest-tests").expect("telemetry"));
+        std::mem::forget(
+            stripe_sync_shared::telemetry::init(&settings, "ingest-tests").expect("telemetry"),
+        );
     });
 }
 
 impl TestApp {
     pub async fn wait_ready(&self) {
         eventually(Duration::from_secs(20), "ingest ready", || async {
-            let r = self.http.get(format!("{}/readyz", self.address)).send().await.ok()?;
+            let r = self
+                .http
+                .get(format!("{}/readyz", self.address))
+                .send()
+                .await
+                .ok()?;
             r.status().is_success().then_some(())
         })
         .await;
     }
 
     /// POSTs `body` with the given `Stripe-Signature` (none when `None`).
-    pub async fn post_raw(&self, path: &str, body: &[u8], signature: Option<&str>) -> reqwest::Response {
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        body: &[u8],
+        signature: Option<&str>,
+    ) -> reqwest::Response {
         let mut request = self
             .http
             .post(format!("{}{}", self.address, path))
@@ -87,20 +108,39 @@ impl TestApp {
 
     /// POSTs `body` to `/webhooks`, signed with the test secret, now.
     pub async fn post_signed(&self, body: &[u8]) -> reqwest::Response {
-        self.post_raw("/webhooks", body, Some(&stripe::sign(stripe::SECRET, stripe::now(), body))).await
+        self.post_raw(
+            "/webhooks",
+            body,
+            Some(&stripe::sign(stripe::SECRET, stripe::now(), body)),
+        )
+        .await
     }
 
     pub async fn jetstream(&self) -> jetstream::Context {
-        jetstream::new(async_nats::connect(self.nats.url()).await.expect("test connects to NATS"))
+        jetstream::new(
+            async_nats::connect(self.nats.url())
+                .await
+                .expect("test connects to NATS"),
+        )
     }
 
     pub async fn stream(&self) -> Stream {
-        self.jetstream().await.get_stream(&self.stream_name).await.expect("events stream exists")
+        self.jetstream()
+            .await
+            .get_stream(&self.stream_name)
+            .await
+            .expect("events stream exists")
     }
 
     /// Number of messages in the events stream.
     pub async fn stored(&self) -> u64 {
-        self.stream().await.info().await.expect("stream info").state.messages
+        self.stream()
+            .await
+            .info()
+            .await
+            .expect("stream info")
+            .state
+            .messages
     }
 
     /// Stops ingest (as on SIGTERM) and returns what `run_until` returned.

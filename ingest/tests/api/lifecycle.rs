@@ -3,7 +3,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use stripe_sync_testkit::nats::{free_port, TestNats};
+use stripe_sync_testkit::nats::{TestNats, free_port};
 use stripe_sync_testkit::stripe::{self, now};
 use stripe_sync_testkit::{eventually, unique_name};
 
@@ -12,9 +12,19 @@ use crate::helpers::spawn_app;
 #[tokio::test]
 async fn probes_report_health_and_readiness() {
     let app = spawn_app().await;
-    let health = app.http.get(format!("{}/healthz", app.address)).send().await.unwrap();
+    let health = app
+        .http
+        .get(format!("{}/healthz", app.address))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status(), 200);
-    let ready = app.http.get(format!("{}/readyz", app.address)).send().await.unwrap();
+    let ready = app
+        .http
+        .get(format!("{}/readyz", app.address))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status(), 200);
     app.stop().await.expect("clean stop");
 }
@@ -34,24 +44,47 @@ async fn the_binary_exits_0_on_sigterm_after_serving() {
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
     eventually(Duration::from_secs(20), "ingest binary ready", || async {
-        http.get(format!("{base}/readyz")).send().await.ok().filter(|r| r.status() == 200).map(|_| ())
+        http.get(format!("{base}/readyz"))
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status() == 200)
+            .map(|_| ())
     })
     .await;
-    let body = serde_json::to_vec(&stripe::event("evt_bin", "customer.created", now(), stripe::object("customer", "cus_b"))).unwrap();
+    let body = serde_json::to_vec(&stripe::event(
+        "evt_bin",
+        "customer.created",
+        now(),
+        stripe::object("customer", "cus_b"),
+    ))
+    .unwrap();
     let response = http
         .post(format!("{base}/webhooks"))
-        .header("stripe-signature", stripe::sign(stripe::SECRET, now(), &body))
+        .header(
+            "stripe-signature",
+            stripe::sign(stripe::SECRET, now(), &body),
+        )
         .body(body)
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
 
-    let status = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
     assert!(status.success());
-    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
     assert_eq!(exit.code(), Some(0), "SIGTERM is a clean stop");
-    assert!(http.get(format!("{base}/healthz")).send().await.is_err(), "no longer listening");
+    assert!(
+        http.get(format!("{base}/healthz")).send().await.is_err(),
+        "no longer listening"
+    );
 }
 
 #[tokio::test]
@@ -61,11 +94,19 @@ async fn ingest_starts_while_nats_is_down_and_becomes_ready_when_it_appears() {
     let env = std::collections::HashMap::from([
         ("NATS_URL".to_owned(), nats.url()),
         ("PORT".to_owned(), "0".to_owned()),
-        ("STRIPE_WEBHOOK_SECRET".to_owned(), stripe::SECRET.to_owned()),
-        ("STRIPE_SYNC__STREAM__NAME".to_owned(), unique_name("EVENTS")),
+        (
+            "STRIPE_WEBHOOK_SECRET".to_owned(),
+            stripe::SECRET.to_owned(),
+        ),
+        (
+            "STRIPE_SYNC__STREAM__NAME".to_owned(),
+            unique_name("EVENTS"),
+        ),
     ]);
     let settings = stripe_sync_ingest::settings::Settings::load_from(&env).unwrap();
-    let app = stripe_sync_ingest::startup::Application::build(settings).await.expect("starts without NATS");
+    let app = stripe_sync_ingest::startup::Application::build(settings)
+        .await
+        .expect("starts without NATS");
     let base = format!("http://127.0.0.1:{}", app.port());
     let server = tokio::spawn(app.run_until(std::future::pending()));
     let http = reqwest::Client::new();
@@ -73,7 +114,12 @@ async fn ingest_starts_while_nats_is_down_and_becomes_ready_when_it_appears() {
     assert_eq!(ready.status(), 503);
     nats.resume();
     eventually(Duration::from_secs(30), "ready once NATS is up", || async {
-        http.get(format!("{base}/readyz")).send().await.ok().filter(|r| r.status() == 200).map(|_| ())
+        http.get(format!("{base}/readyz"))
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status() == 200)
+            .map(|_| ())
     })
     .await;
     server.abort();

@@ -1,0 +1,179 @@
+//! An event as the applier works with it: read once from the message (head fields, the span of `data.object` in the
+//! body), owning its text so a batch can be retried without going back to NATS.
+
+use std::ops::Range;
+
+use serde_json::value::RawValue;
+use stripe_sync_shared::event_head::{self, EventHead};
+
+use crate::error::ApplyError;
+
+/// One event, ready to apply.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// Sequence in the events stream: the order of application, and the tie-break for same-second events.
+    pub seq: u64,
+    /// The event as JSON text (Stripe's bytes; see [`Incoming::parse`] for the one substitution).
+    pub json: String,
+    /// Event id.
+    pub id: String,
+    /// Event type.
+    pub event_type: String,
+    /// Unix seconds of the event.
+    pub created: i64,
+    /// `account` (Connect), if any.
+    pub account: Option<String>,
+    /// Live or test mode.
+    pub livemode: Option<bool>,
+    /// API version.
+    pub api_version: Option<String>,
+    /// `data.object.object`.
+    pub object_type: Option<String>,
+    /// `data.object.id`.
+    pub object_id: Option<String>,
+    /// Where `data.object` is in `json`.
+    object_span: Option<Range<usize>>,
+}
+
+impl Incoming {
+    /// Reads an event body. Fails (permanently) when it is not UTF-8 JSON with a string `id`, `type` and an integer
+    /// `created`.
+    ///
+    /// Postgres's `jsonb` cannot hold the character U+0000; a `\u0000` escape in the body becomes `\ufffd` (the
+    /// replacement character) so the event is applied rather than dead-lettered. The stream keeps the original.
+    pub fn parse(seq: u64, body: &[u8]) -> Result<Self, ApplyError> {
+        let text = std::str::from_utf8(body)
+            .map_err(|_| ApplyError::Unreadable("body is not UTF-8".into()))?;
+        let json = replace_nul_escapes(text);
+        let head: EventHead<&RawValue> = event_head::parse_object(json.as_bytes())
+            .map_err(|e| ApplyError::Unreadable(e.to_string()))?;
+        let id = head
+            .id
+            .ok_or_else(|| ApplyError::Unreadable("no string `id`".into()))?
+            .into_owned();
+        let event_type = head
+            .event_type
+            .ok_or_else(|| ApplyError::Unreadable("no string `type`".into()))?
+            .into_owned();
+        let created = head
+            .created
+            .ok_or_else(|| ApplyError::Unreadable("no integer `created`".into()))?;
+        let (object_type, object_id, object_span) = match head.data.object {
+            Some(raw) => {
+                let object = event_head::object_head(raw);
+                let start = raw.get().as_ptr() as usize - json.as_ptr() as usize;
+                (
+                    object.object.map(|s| s.into_owned()),
+                    object.id.map(|s| s.into_owned()),
+                    raw.get()
+                        .starts_with('{')
+                        .then(|| start..start + raw.get().len()),
+                )
+            }
+            None => (None, None, None),
+        };
+        Ok(Self {
+            seq,
+            id,
+            event_type,
+            created,
+            account: head.account.map(|s| s.into_owned()),
+            livemode: head.livemode,
+            api_version: head.api_version.map(|s| s.into_owned()),
+            object_type,
+            object_id,
+            object_span,
+            json,
+        })
+    }
+
+    /// `data.object` as JSON text, when it is an object.
+    pub fn object_json(&self) -> Option<&str> {
+        self.object_span.clone().map(|span| &self.json[span])
+    }
+
+    /// True for `*.deleted` events.
+    pub fn is_delete(&self) -> bool {
+        self.event_type.ends_with(".deleted")
+    }
+}
+
+/// Replaces JSON `\u0000` escapes (not preceded by an escaping backslash) with `\ufffd`.
+fn replace_nul_escapes(text: &str) -> String {
+    if !text.contains("\\u0000") {
+        return text.to_owned();
+    }
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' {
+            if text[i..].starts_with("\\u0000") {
+                out.push_str("\\ufffd");
+                i += 6;
+            } else {
+                // An escape sequence: copy the backslash and the escaped character together.
+                out.push('\\');
+                if let Some(c) = text[i + 1..].chars().next() {
+                    out.push(c);
+                    i += 1 + c.len_utf8();
+                } else {
+                    i += 1;
+                }
+            }
+        } else {
+            let c = text[i..].chars().next().unwrap_or('\u{fffd}');
+            out.push(c);
+            i += c.len_utf8();
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_head_and_keeps_the_object_text() {
+        let body = br#"{"id":"evt_1","type":"customer.deleted","created":17,"account":"acct_1","livemode":true,
+            "data":{"object":{"id":"cus_1","object":"customer","email":"a@b.c"}}}"#;
+        let e = Incoming::parse(9, body).unwrap();
+        assert_eq!(
+            (e.id.as_str(), e.event_type.as_str(), e.created, e.seq),
+            ("evt_1", "customer.deleted", 17, 9)
+        );
+        assert_eq!(e.account.as_deref(), Some("acct_1"));
+        assert_eq!(e.object_id.as_deref(), Some("cus_1"));
+        assert_eq!(
+            e.object_json(),
+            Some(r#"{"id":"cus_1","object":"customer","email":"a@b.c"}"#)
+        );
+        assert!(e.is_delete());
+    }
+
+    #[test]
+    fn unreadable_events_are_errors_not_panics() {
+        for body in [
+            &b"\xff\xfe"[..],
+            b"nope",
+            br#"{"id":"e","type":"t"}"#,
+            br#"{"type":"t","created":1}"#,
+        ] {
+            assert!(
+                matches!(Incoming::parse(1, body), Err(ApplyError::Unreadable(_))),
+                "{body:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn nul_escapes_are_replaced_but_escaped_backslashes_are_not() {
+        let body = r#"{"id":"e","type":"t","created":1,"data":{"object":{"id":"o","note":"a\u0000b","path":"c:\\u0000"}}}"#;
+        let e = Incoming::parse(1, body.as_bytes()).unwrap();
+        assert!(e.json.contains(r#""a\ufffdb""#), "{}", e.json);
+        assert!(e.json.contains(r#""c:\\u0000""#), "{}", e.json);
+        let parsed: serde_json::Value = serde_json::from_str(e.object_json().unwrap()).unwrap();
+        assert_eq!(parsed["note"], "a\u{fffd}b");
+    }
+}

@@ -1,0 +1,251 @@
+//! Planning a batch (pure): which row each new event becomes, keeping only the newest event of each object, in the
+//! same order rule the database guard applies. No I/O, so every ordering case is unit-tested here.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::event::Incoming;
+use crate::registry::{DeletePolicy, Key, ObjectSpec, Registry};
+
+/// One row to upsert, from one event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObjectRow<'a> {
+    /// `_account_id`.
+    pub account: &'a str,
+    /// `id`: the object's id, or the event's for tables keyed by event.
+    pub id: &'a str,
+    /// The object's JSON.
+    pub object_json: &'a str,
+    /// `livemode` of the event.
+    pub livemode: Option<bool>,
+    /// Tombstone?
+    pub deleted: bool,
+    /// Event that produced the row.
+    pub event_id: &'a str,
+    /// Its `created`.
+    pub created: i64,
+    /// Its stream sequence.
+    pub seq: i64,
+}
+
+/// The rows of one table.
+#[derive(Debug)]
+pub struct TableRows<'a> {
+    /// The table.
+    pub spec: &'a ObjectSpec,
+    /// Rows, at most one per key, sorted by key (a stable lock order).
+    pub rows: Vec<ObjectRow<'a>>,
+}
+
+/// What a batch changes.
+#[derive(Debug, Default)]
+pub struct Plan<'a> {
+    /// Tables in registry order.
+    pub tables: Vec<TableRows<'a>>,
+    /// New events that change no table (unknown object type, or an object without id): kept in `stripe.events`.
+    pub unrouted: usize,
+}
+
+/// Does a row from event `new` replace state from event `old`? Newer `created` wins; on equal `created` the later
+/// event in the stream wins; but a tombstone yields only to a strictly newer event. Mirrored by the SQL guard.
+pub fn supersedes(new: (i64, i64, bool), old: (i64, i64, bool)) -> bool {
+    let (new_created, new_seq, new_deleted) = new;
+    let (old_created, old_seq, old_deleted) = old;
+    if old_deleted && !new_deleted {
+        new_created > old_created
+    } else {
+        (new_created, new_seq) >= (old_created, old_seq)
+    }
+}
+
+/// Plans the rows of `new_events` (events not applied before, in stream order).
+pub fn plan<'a>(
+    new_events: impl IntoIterator<Item = &'a Incoming>,
+    registry: &'a Registry,
+    platform_account: &'a str,
+) -> Plan<'a> {
+    let mut by_table: BTreeMap<usize, HashMap<(&'a str, &'a str), ObjectRow<'a>>> = BTreeMap::new();
+    let mut unrouted = 0;
+    for event in new_events {
+        let routed = (|| {
+            let object_type = event.object_type.as_deref()?;
+            let index = registry.index_of(object_type)?;
+            let spec = registry.get(object_type)?;
+            let object_json = event.object_json()?;
+            let id = match spec.key {
+                Key::Object => event.object_id.as_deref().filter(|id| !id.is_empty())?,
+                Key::Event => event.id.as_str(),
+            };
+            let row = ObjectRow {
+                account: event.account.as_deref().unwrap_or(platform_account),
+                id,
+                object_json,
+                livemode: event.livemode,
+                deleted: event.is_delete() && spec.on_delete == DeletePolicy::Tombstone,
+                event_id: &event.id,
+                created: event.created,
+                seq: event.seq as i64,
+            };
+            Some((index, row))
+        })();
+        let Some((index, row)) = routed else {
+            unrouted += 1;
+            continue;
+        };
+        let rows = by_table.entry(index).or_default();
+        match rows.get(&(row.account, row.id)) {
+            Some(old)
+                if !supersedes(
+                    (row.created, row.seq, row.deleted),
+                    (old.created, old.seq, old.deleted),
+                ) => {}
+            _ => {
+                rows.insert((row.account, row.id), row);
+            }
+        }
+    }
+    let tables = by_table
+        .into_iter()
+        .map(|(index, rows)| {
+            let mut rows: Vec<_> = rows.into_values().collect();
+            rows.sort_by(|a, b| (a.account, a.id).cmp(&(b.account, b.id)));
+            TableRows {
+                spec: &registry.objects()[index],
+                rows,
+            }
+        })
+        .collect();
+    Plan { tables, unrouted }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(seq: u64, id: &str, event_type: &str, created: i64, object: &str) -> Incoming {
+        let (object_type, object_id) = object.split_once(':').unwrap();
+        let body = serde_json::json!({
+            "id": id, "type": event_type, "created": created,
+            "data": { "object": { "id": object_id, "object": object_type, "v": id } }
+        });
+        Incoming::parse(seq, body.to_string().as_bytes()).unwrap()
+    }
+
+    fn winners(plan: &Plan) -> Vec<(String, String, bool)> {
+        plan.tables
+            .iter()
+            .flat_map(|t| {
+                t.rows
+                    .iter()
+                    .map(|r| (t.spec.table.clone(), r.event_id.to_owned(), r.deleted))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn newest_event_of_each_object_wins_whatever_the_arrival_order() {
+        let events = [
+            event(1, "evt_new", "customer.updated", 20, "customer:cus_1"),
+            event(2, "evt_old", "customer.updated", 10, "customer:cus_1"),
+            event(3, "evt_p", "product.created", 5, "product:prod_1"),
+        ];
+        let plan = plan(&events, Registry::shipped(), "platform");
+        assert_eq!(
+            winners(&plan),
+            vec![
+                ("customers".into(), "evt_new".into(), false),
+                ("products".into(), "evt_p".into(), false)
+            ]
+        );
+    }
+
+    #[test]
+    fn same_second_events_follow_stream_order() {
+        let events = [
+            event(1, "evt_a", "customer.updated", 10, "customer:cus_1"),
+            event(2, "evt_b", "customer.updated", 10, "customer:cus_1"),
+        ];
+        assert_eq!(
+            winners(&plan(&events, Registry::shipped(), "p"))[0].1,
+            "evt_b"
+        );
+    }
+
+    #[test]
+    fn a_tombstone_yields_only_to_a_strictly_newer_event() {
+        let events = [
+            event(1, "evt_del", "customer.deleted", 10, "customer:cus_1"),
+            event(
+                2,
+                "evt_same_second",
+                "customer.updated",
+                10,
+                "customer:cus_1",
+            ),
+        ];
+        assert_eq!(
+            winners(&plan(&events, Registry::shipped(), "p")),
+            vec![("customers".into(), "evt_del".into(), true)]
+        );
+        let events = [
+            event(1, "evt_del", "product.deleted", 10, "product:prod_1"),
+            event(2, "evt_recreated", "product.created", 11, "product:prod_1"),
+        ];
+        assert_eq!(
+            winners(&plan(&events, Registry::shipped(), "p"))[0].1,
+            "evt_recreated"
+        );
+    }
+
+    #[test]
+    fn a_subscription_deleted_event_is_a_state_change_not_a_tombstone() {
+        let events = [event(
+            1,
+            "evt_end",
+            "customer.subscription.deleted",
+            10,
+            "subscription:sub_1",
+        )];
+        assert_eq!(
+            winners(&plan(&events, Registry::shipped(), "p")),
+            vec![("subscriptions".into(), "evt_end".into(), false)]
+        );
+    }
+
+    #[test]
+    fn accounts_keep_objects_with_the_same_id_apart() {
+        let mut a = event(1, "evt_a", "product.updated", 10, "product:gold");
+        a.account = Some("acct_a".into());
+        let b = event(2, "evt_b", "product.updated", 10, "product:gold");
+        let plan = plan([&a, &b], Registry::shipped(), "platform");
+        let accounts: Vec<&str> = plan.tables[0].rows.iter().map(|r| r.account).collect();
+        assert_eq!(accounts, vec!["acct_a", "platform"]);
+    }
+
+    #[test]
+    fn unknown_object_types_are_counted_not_routed() {
+        let events = [event(
+            1,
+            "evt_x",
+            "quantum.created",
+            10,
+            "quantum_ledger:q_1",
+        )];
+        let plan = plan(&events, Registry::shipped(), "p");
+        assert!(plan.tables.is_empty());
+        assert_eq!(plan.unrouted, 1);
+    }
+
+    #[test]
+    fn supersedes_matches_the_documented_rule() {
+        assert!(supersedes((11, 1, false), (10, 9, false)));
+        assert!(!supersedes((9, 99, false), (10, 1, false)));
+        assert!(supersedes((10, 2, false), (10, 1, false)));
+        assert!(
+            supersedes((10, 2, false), (10, 2, false)),
+            "re-applying the same event is harmless"
+        );
+        assert!(!supersedes((10, 2, false), (10, 1, true)));
+        assert!(supersedes((10, 2, true), (10, 1, false)));
+        assert!(supersedes((11, 0, false), (10, 1, true)));
+    }
+}

@@ -1,0 +1,233 @@
+//! The registry: Stripe object type → table spec, read from `applier/registry.toml` (embedded at build time).
+//! It is the only per-type knowledge in the applier; everything else is one generic path.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use serde::Deserialize;
+
+/// What a `*.deleted` event does to a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeletePolicy {
+    /// Keep the row with `deleted = true`; only a strictly newer event can bring it back.
+    Tombstone,
+    /// An ordinary state change (the object lives on at Stripe).
+    Upsert,
+}
+
+/// How rows of a table are keyed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Key {
+    /// One row per object: `(_account_id, id)` with the object's id; newer events replace older state.
+    #[default]
+    Object,
+    /// One row per event (objects without an id, like `balance`): history, never replaced.
+    Event,
+}
+
+/// A list a parent object embeds (`subscription.items`), kept in this table too.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedIn {
+    /// Parent's object type.
+    #[serde(rename = "type")]
+    pub parent_type: String,
+    /// Parent's field holding the list.
+    pub field: String,
+    /// The parent owns the items: the table has `_parent_id`, and items missing from a complete list are deleted.
+    #[serde(default)]
+    pub owned: bool,
+}
+
+/// One object type.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectSpec {
+    /// Stripe's object type (`data.object.object`).
+    #[serde(rename = "type")]
+    pub object_type: String,
+    /// Table in schema `stripe`.
+    pub table: String,
+    /// What `*.deleted` does.
+    pub on_delete: DeletePolicy,
+    /// How rows are keyed.
+    #[serde(default)]
+    pub key: Key,
+    /// Parents that embed lists of this object.
+    #[serde(default)]
+    pub embedded_in: Vec<EmbeddedIn>,
+}
+
+/// An embedded list, seen from the parent.
+#[derive(Debug, Clone)]
+pub struct ChildList {
+    /// Field of the parent holding the list.
+    pub field: String,
+    /// Spec of the items' table.
+    pub child: ObjectSpec,
+    /// Whether the parent owns the items.
+    pub owned: bool,
+}
+
+/// Event types we deliberately keep only in `stripe.events`, each with the reason.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Skipped {
+    /// The object type.
+    #[serde(rename = "type")]
+    pub object_type: String,
+    /// Why it has no table.
+    pub reason: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    object: Vec<ObjectSpec>,
+    #[serde(default)]
+    skipped: Vec<Skipped>,
+}
+
+/// The registry, with lookups.
+#[derive(Debug)]
+pub struct Registry {
+    objects: Vec<ObjectSpec>,
+    by_type: HashMap<String, usize>,
+    children: HashMap<String, Vec<ChildList>>,
+    skipped: Vec<Skipped>,
+}
+
+/// The registry's source, as shipped.
+pub const SOURCE: &str = include_str!("../registry.toml");
+
+impl Registry {
+    /// Parses a registry file.
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        let file: File = toml::from_str(text)?;
+        let by_type = file
+            .object
+            .iter()
+            .enumerate()
+            .map(|(i, o)| (o.object_type.clone(), i))
+            .collect();
+        let mut children: HashMap<String, Vec<ChildList>> = HashMap::new();
+        for spec in &file.object {
+            for parent in &spec.embedded_in {
+                children
+                    .entry(parent.parent_type.clone())
+                    .or_default()
+                    .push(ChildList {
+                        field: parent.field.clone(),
+                        child: spec.clone(),
+                        owned: parent.owned,
+                    });
+            }
+        }
+        Ok(Self {
+            objects: file.object,
+            by_type,
+            children,
+            skipped: file.skipped,
+        })
+    }
+
+    /// The shipped registry.
+    #[allow(clippy::expect_used)]
+    pub fn shipped() -> &'static Self {
+        static REGISTRY: OnceLock<Registry> = OnceLock::new();
+        REGISTRY.get_or_init(|| {
+            Self::parse(SOURCE).expect("registry.toml is valid (checked by a unit test)")
+        })
+    }
+
+    /// Spec of an object type, if it has a table.
+    pub fn get(&self, object_type: &str) -> Option<&ObjectSpec> {
+        self.by_type.get(object_type).map(|&i| &self.objects[i])
+    }
+
+    /// Position of an object type in the registry (a stable order for statements).
+    pub fn index_of(&self, object_type: &str) -> Option<usize> {
+        self.by_type.get(object_type).copied()
+    }
+
+    /// Every object spec, in file order.
+    pub fn objects(&self) -> &[ObjectSpec] {
+        &self.objects
+    }
+
+    /// Lists embedded in objects of this type.
+    pub fn children_of(&self, object_type: &str) -> &[ChildList] {
+        self.children
+            .get(object_type)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    /// Object types deliberately kept only in `stripe.events`.
+    pub fn skipped(&self) -> &[Skipped] {
+        &self.skipped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_registry_parses_and_names_each_type_and_table_once() {
+        let registry = Registry::parse(SOURCE).unwrap();
+        let mut tables = std::collections::HashSet::new();
+        for spec in registry.objects() {
+            assert!(
+                tables.insert(spec.table.clone()),
+                "table {} appears twice",
+                spec.table
+            );
+            assert!(
+                spec.table
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+                "table name {} must be a plain identifier",
+                spec.table
+            );
+            for parent in &spec.embedded_in {
+                assert!(
+                    registry.get(&parent.parent_type).is_some(),
+                    "{} embedded in unknown {}",
+                    spec.table,
+                    parent.parent_type
+                );
+            }
+        }
+        assert_eq!(
+            registry.objects().len(),
+            registry.by_type.len(),
+            "an object type appears twice"
+        );
+    }
+
+    #[test]
+    fn subscriptions_own_their_items() {
+        let registry = Registry::shipped();
+        let children = registry.children_of("subscription");
+        assert_eq!(children.len(), 1);
+        assert_eq!(
+            (
+                children[0].field.as_str(),
+                children[0].child.table.as_str(),
+                children[0].owned
+            ),
+            ("items", "subscription_items", true)
+        );
+        assert_eq!(
+            registry.get("subscription").unwrap().on_delete,
+            DeletePolicy::Upsert
+        );
+        assert_eq!(
+            registry.get("customer").unwrap().on_delete,
+            DeletePolicy::Tombstone
+        );
+    }
+}

@@ -1,0 +1,244 @@
+//! The only SQL of the applier. One statement template per table, built from the registry at start: insert the
+//! batch's events (the dedupe), upsert each table's rows under the ordering guard, and replace embedded lists.
+
+use std::collections::HashSet;
+
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row};
+
+use crate::event::Incoming;
+use crate::plan::ObjectRow;
+use crate::registry::{ChildList, Key, ObjectSpec, Registry};
+
+/// The migrations in `migrations/`, embedded.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Runs pending migrations (safe to run from several processes at once: sqlx takes an advisory lock).
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+/// The SQL rule "does the incoming row replace the stored one", mirror of [`crate::plan::supersedes`].
+const GUARD: &str = "case when t.deleted and not excluded.deleted \
+    then excluded._last_event_created > t._last_event_created \
+    else (excluded._last_event_created, excluded._last_event_seq) >= (t._last_event_created, t._last_event_seq) end";
+
+const SET_STATE: &str = "_raw_data = excluded._raw_data, livemode = excluded.livemode, deleted = excluded.deleted, \
+    _last_event_id = excluded._last_event_id, _last_event_created = excluded._last_event_created, \
+    _last_event_seq = excluded._last_event_seq, _updated_at = now()";
+
+/// Statements of one table: its upsert and the replacement of each list it embeds.
+#[derive(Debug)]
+pub struct TableStatements {
+    upsert: String,
+    children: Vec<String>,
+}
+
+/// Every statement, by registry position.
+#[derive(Debug)]
+pub struct Statements {
+    tables: Vec<TableStatements>,
+}
+
+impl Statements {
+    /// Builds the statements of every table in the registry.
+    pub fn new(registry: &Registry) -> Self {
+        let tables = registry
+            .objects()
+            .iter()
+            .map(|spec| TableStatements {
+                upsert: upsert_sql(spec),
+                children: registry
+                    .children_of(&spec.object_type)
+                    .iter()
+                    .map(|c| children_sql(spec, c))
+                    .collect(),
+            })
+            .collect();
+        Self { tables }
+    }
+}
+
+fn upsert_sql(spec: &ObjectSpec) -> String {
+    let conflict = match spec.key {
+        Key::Object => format!("do update set {SET_STATE} where {GUARD}"),
+        Key::Event => "do nothing".to_owned(),
+    };
+    format!(
+        "insert into stripe.\"{table}\" as t \
+           (_account_id, id, _raw_data, livemode, deleted, _last_event_id, _last_event_created, _last_event_seq) \
+         select u.a, u.i, u.r::jsonb, u.l, u.d, u.e, u.c, u.s \
+         from unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::bool[], $6::text[], $7::int8[], $8::int8[]) \
+           as u(a, i, r, l, d, e, c, s) \
+         on conflict (_account_id, id) {conflict} \
+         returning _account_id, id",
+        table = spec.table
+    )
+}
+
+/// Replaces the list `child.field` of the given (just applied) parents: upserts every item under the same guard,
+/// marks owned items missing from a complete list as deleted, and records lists Stripe cut short (`has_more`).
+fn children_sql(parent: &ObjectSpec, child: &ChildList) -> String {
+    let (parent_table, child_table, field) = (&parent.table, &child.child.table, &child.field);
+    let (parent_col, parent_val, parent_set) = if child.owned {
+        (
+            "_parent_id, ",
+            "pid, ",
+            "_parent_id = excluded._parent_id, ",
+        )
+    } else {
+        ("", "", "")
+    };
+    let removed = if child.owned {
+        format!(
+            ", removed as ( \
+               update stripe.\"{child_table}\" t set deleted = true, _last_event_id = p.ev, \
+                 _last_event_created = p.c, _last_event_seq = p.s, _updated_at = now() \
+               from parents p \
+               where t._account_id = p.acc and t._parent_id = p.pid and not t.deleted \
+                 and jsonb_typeof(p.list -> 'data') = 'array' \
+                 and p.list -> 'has_more' is distinct from 'true'::jsonb \
+                 and not exists (select 1 from items i where i.acc = t._account_id and i.item ->> 'id' = t.id) \
+                 and (p.c, p.s) >= (t._last_event_created, t._last_event_seq) \
+               returning 1)"
+        )
+    } else {
+        ", removed as (select 1 where false)".to_owned()
+    };
+    format!(
+        "with parents as ( \
+           select p._account_id as acc, p.id as pid, p._raw_data -> '{field}' as list, p.livemode, p.deleted, \
+             p._last_event_id as ev, p._last_event_created as c, p._last_event_seq as s \
+           from stripe.\"{parent_table}\" p \
+           join unnest($1::text[], $2::text[]) as k(a, i) on p._account_id = k.a and p.id = k.i), \
+         items as ( \
+           select distinct on (p.acc, item ->> 'id') p.*, item \
+           from parents p cross join lateral jsonb_array_elements( \
+             case when jsonb_typeof(p.list -> 'data') = 'array' then p.list -> 'data' else '[]'::jsonb end) as item \
+           where jsonb_typeof(item -> 'id') = 'string' \
+           order by p.acc, item ->> 'id'), \
+         upserted as ( \
+           insert into stripe.\"{child_table}\" as t (_account_id, id, {parent_col}_raw_data, livemode, deleted, \
+             _last_event_id, _last_event_created, _last_event_seq) \
+           select acc, item ->> 'id', {parent_val}item, livemode, deleted, ev, c, s from items \
+           on conflict (_account_id, id) do update set {parent_set}{SET_STATE} where {GUARD} \
+           returning 1) \
+         {removed}, \
+         marked as ( \
+           insert into stripe.incomplete_lists (_account_id, parent_table, parent_id, field, child_table, total_count, url) \
+           select acc, '{parent_table}', pid, '{field}', '{child_table}', stripe.j_bigint(list -> 'total_count'), \
+             list ->> 'url' \
+           from parents where list -> 'has_more' = 'true'::jsonb \
+           on conflict (_account_id, parent_table, parent_id, field) do update \
+             set total_count = excluded.total_count, url = excluded.url, _updated_at = now() \
+           returning 1), \
+         cleared as ( \
+           delete from stripe.incomplete_lists l using parents p \
+           where l._account_id = p.acc and l.parent_table = '{parent_table}' and l.parent_id = p.pid \
+             and l.field = '{field}' and p.list -> 'has_more' is distinct from 'true'::jsonb \
+           returning 1) \
+         select (select count(*) from upserted) as upserted, (select count(*) from removed) as removed, \
+           (select count(*) from marked) as marked, (select count(*) from cleared) as cleared"
+    )
+}
+
+/// Records the batch's events in `stripe.events`; returns the keys `(account, id)` that were not there before.
+pub async fn insert_events(
+    conn: &mut PgConnection,
+    events: &[&Incoming],
+    platform_account: &str,
+) -> Result<HashSet<(String, String)>, sqlx::Error> {
+    let mut accounts = Vec::with_capacity(events.len());
+    let mut ids = Vec::with_capacity(events.len());
+    let mut types = Vec::with_capacity(events.len());
+    let mut created = Vec::with_capacity(events.len());
+    let mut livemode = Vec::with_capacity(events.len());
+    let mut api_versions = Vec::with_capacity(events.len());
+    let mut object_types = Vec::with_capacity(events.len());
+    let mut object_ids = Vec::with_capacity(events.len());
+    let mut seqs = Vec::with_capacity(events.len());
+    let mut bodies = Vec::with_capacity(events.len());
+    for e in events {
+        accounts.push(e.account.as_deref().unwrap_or(platform_account));
+        ids.push(e.id.as_str());
+        types.push(e.event_type.as_str());
+        created.push(e.created);
+        livemode.push(e.livemode);
+        api_versions.push(e.api_version.as_deref());
+        object_types.push(e.object_type.as_deref());
+        object_ids.push(e.object_id.as_deref());
+        seqs.push(e.seq as i64);
+        bodies.push(e.json.as_str());
+    }
+    let rows = sqlx::query(
+        "insert into stripe.events \
+           (_account_id, id, type, created, livemode, api_version, object_type, object_id, _stream_seq, _raw_data) \
+         select u.a, u.i, u.t, u.c, u.l, u.v, u.ot, u.oi, u.s, u.r::jsonb \
+         from unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::bool[], $6::text[], $7::text[], $8::text[], \
+           $9::int8[], $10::text[]) as u(a, i, t, c, l, v, ot, oi, s, r) \
+         on conflict (_account_id, id) do nothing \
+         returning _account_id, id",
+    )
+    .bind(accounts)
+    .bind(ids)
+    .bind(types)
+    .bind(created)
+    .bind(livemode)
+    .bind(api_versions)
+    .bind(object_types)
+    .bind(object_ids)
+    .bind(seqs)
+    .bind(bodies)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
+        .collect())
+}
+
+/// Upserts one table's rows under the ordering guard; returns the keys actually written.
+pub async fn upsert_rows(
+    conn: &mut PgConnection,
+    statements: &Statements,
+    table_index: usize,
+    rows: &[ObjectRow<'_>],
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    let sql = &statements.tables[table_index].upsert;
+    let applied = sqlx::query(AssertSqlSafe(sql.as_str()))
+        .bind(rows.iter().map(|r| r.account).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.object_json).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.livemode).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.deleted).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.event_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.created).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.seq).collect::<Vec<_>>())
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(applied
+        .into_iter()
+        .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
+        .collect())
+}
+
+/// Replaces the embedded lists of the parents just written to a table.
+pub async fn replace_children(
+    conn: &mut PgConnection,
+    statements: &Statements,
+    table_index: usize,
+    parents: &[(String, String)],
+) -> Result<(), sqlx::Error> {
+    if parents.is_empty() {
+        return Ok(());
+    }
+    let accounts: Vec<&str> = parents.iter().map(|(a, _)| a.as_str()).collect();
+    let ids: Vec<&str> = parents.iter().map(|(_, i)| i.as_str()).collect();
+    for sql in &statements.tables[table_index].children {
+        sqlx::query(AssertSqlSafe(sql.as_str()))
+            .bind(&accounts)
+            .bind(&ids)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}

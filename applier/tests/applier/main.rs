@@ -1,0 +1,11 @@
+//! The applier against a real Postgres and a real NATS JetStream (and ingest, for end-to-end tests).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod dead_letters;
+mod e2e;
+mod helpers;
+mod lifecycle;
+mod lists;
+mod ordering;
+mod outages;
+mod robustness;

@@ -1,0 +1,156 @@
+//! Payloads from a future Stripe: unknown event and object types, new fields, bigger numbers, changed types.
+
+use serde_json::json;
+use stripe_sync_testkit::stripe;
+
+use crate::helpers::{TestEnv, customer_event};
+
+#[tokio::test]
+async fn an_unknown_event_type_is_recorded_and_changes_no_table() {
+    let env = TestEnv::new().await;
+    let applier = env.start_applier().await;
+    let event = json!({
+        "id": "evt_future", "object": "event", "type": "quantum_ledger.entangled", "created": 100,
+        "data": { "object": { "id": "ql_1", "object": "quantum_ledger", "spin": 0.5 } }
+    });
+    env.publish(&event).await;
+    env.publish(&customer_event(
+        "evt_after",
+        "customer.created",
+        100,
+        "cus_after",
+        "a@example.com",
+    ))
+    .await;
+    env.wait_drained().await;
+    assert_eq!(
+        env.scalar::<String>("select type from stripe.events where id = 'evt_future'")
+            .await,
+        "quantum_ledger.entangled"
+    );
+    assert_eq!(
+        env.scalar::<i64>("select count(*) from stripe.customers")
+            .await,
+        1,
+        "the events after it flow"
+    );
+    assert_eq!(env.dead_letters().await, 0);
+    applier.stop().await;
+}
+
+#[tokio::test]
+async fn new_fields_bigger_numbers_and_changed_types_never_fail_an_insert() {
+    let env = TestEnv::new().await;
+    let applier = env.start_applier().await;
+    let mut price = stripe::object("price", "price_future");
+    price["unit_amount"] = json!(1);
+    price["brand_new_field"] = json!({ "nested": [1, 2, 3] });
+    let mut event = stripe::event("evt_big", "price.updated", 100, price);
+    // Numbers beyond bigint and floats where integers were, written as raw JSON text.
+    let body = serde_json::to_string(&event)
+        .unwrap()
+        .replace(
+            r#""unit_amount":1"#,
+            r#""unit_amount":123456789012345678901234567890"#,
+        )
+        .replace(r#""nested":[1,2,3]"#, r#""nested":[1.5e400]"#);
+    // A field that was a string is now an object, and an enum gains a value.
+    let body = body
+        .replace(
+            r#""currency":"usd""#,
+            r#""currency":{"code":"usd","minor_units":2}"#,
+        )
+        .replace(r#""type":"recurring""#, r#""type":"metered_hybrid""#)
+        .replace(r#""type":"one_time""#, r#""type":"metered_hybrid""#);
+    event["id"] = json!("evt_big");
+    env.publish_raw(body.into_bytes(), &event).await;
+    env.wait_drained().await;
+    let (unit_amount, currency, kind, raw_amount): (Option<i64>, String, String, String) = sqlx::query_as(
+        "select unit_amount, currency, type, _raw_data ->> 'unit_amount' from stripe.prices where id = 'price_future'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        unit_amount, None,
+        "out of bigint range reads as null in the typed column"
+    );
+    assert_eq!(
+        raw_amount, "123456789012345678901234567890",
+        "the raw object keeps the exact value"
+    );
+    assert!(currency.contains("usd"), "{currency}");
+    assert_eq!(kind, "metered_hybrid");
+    assert_eq!(env.dead_letters().await, 0);
+    applier.stop().await;
+}
+
+#[tokio::test]
+async fn connect_events_are_kept_per_account_and_platform_events_use_the_configured_id() {
+    let env = TestEnv::with_env(&[("STRIPE_ACCOUNT_ID", "acct_platform")]).await;
+    let applier = env.start_applier().await;
+    // The same user-chosen product id in two accounts.
+    let mut connected = stripe::event(
+        "evt_c1",
+        "product.created",
+        100,
+        stripe::object("product", "gold"),
+    );
+    connected["account"] = json!("acct_connected");
+    env.publish(&connected).await;
+    env.publish(&stripe::event(
+        "evt_p1",
+        "product.created",
+        100,
+        stripe::object("product", "gold"),
+    ))
+    .await;
+    let mut deleted = stripe::event(
+        "evt_c2",
+        "product.deleted",
+        200,
+        stripe::object("product", "gold"),
+    );
+    deleted["account"] = json!("acct_connected");
+    env.publish(&deleted).await;
+    env.wait_drained().await;
+    let rows: Vec<(String, bool)> = sqlx::query_as(
+        "select _account_id, deleted from stripe.products where id = 'gold' order by 1",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            ("acct_connected".into(), true),
+            ("acct_platform".into(), false)
+        ]
+    );
+    applier.stop().await;
+}
+
+#[tokio::test]
+async fn a_nul_character_in_a_payload_is_replaced_not_dead_lettered() {
+    let env = TestEnv::new().await;
+    let applier = env.start_applier().await;
+    let event = customer_event(
+        "evt_nul",
+        "customer.created",
+        100,
+        "cus_nul",
+        "x@example.com",
+    );
+    let body = serde_json::to_string(&event)
+        .unwrap()
+        .replace("x@example.com", r"x\u0000y@example.com");
+    env.publish_raw(body.into_bytes(), &event).await;
+    env.wait_drained().await;
+    assert_eq!(
+        env.scalar::<String>("select email from stripe.customers where id = 'cus_nul'")
+            .await,
+        "x\u{fffd}y@example.com"
+    );
+    assert_eq!(env.dead_letters().await, 0);
+    applier.stop().await;
+}
