@@ -12,7 +12,8 @@ fn repo() -> &'static Path {
 }
 
 fn compose() -> Value {
-    serde_yaml_ng::from_str(&std::fs::read_to_string(repo().join("docker-compose.yml")).unwrap()).unwrap()
+    serde_yaml_ng::from_str(&std::fs::read_to_string(repo().join("docker-compose.yml")).unwrap())
+        .unwrap()
 }
 
 /// `${VAR:-default}` resolves to its default, as compose does when VAR is unset.
@@ -40,10 +41,17 @@ fn environment(service: &Value) -> HashMap<String, String> {
 }
 
 /// Every variable must be one a binary reads: a plain name it honours, or a `STRIPE_SYNC__` one.
-fn assert_known_variables(env: &HashMap<String, String>, plain: &[stripe_sync_shared::settings::PlainEnv], service: &str) {
+fn assert_known_variables(
+    env: &HashMap<String, String>,
+    plain: &[stripe_sync_shared::settings::PlainEnv],
+    service: &str,
+) {
     for name in env.keys() {
         let known = name.starts_with("STRIPE_SYNC__")
-            || stripe_sync_shared::settings::SHARED_PLAIN_ENV.iter().chain(plain).any(|p| p.var == name);
+            || stripe_sync_shared::settings::SHARED_PLAIN_ENV
+                .iter()
+                .chain(plain)
+                .any(|p| p.var == name);
         assert!(known, "{service}: {name} is read by nothing");
     }
 }
@@ -59,11 +67,18 @@ fn compose_runs_the_four_parts_on_the_ports_and_variables_the_code_uses() {
     // NATS >= 2.11, JetStream on, payloads big enough for ingest's body limit.
     let image = services["nats"]["image"].as_str().unwrap();
     let version = image.split(':').nth(1).unwrap().split('-').next().unwrap();
-    let (major, minor) = version.split_once('.').map(|(a, b)| (a.parse::<u32>().unwrap(), b.parse::<u32>().unwrap())).unwrap();
+    let (major, minor) = version
+        .split_once('.')
+        .map(|(a, b)| (a.parse::<u32>().unwrap(), b.parse::<u32>().unwrap()))
+        .unwrap();
     assert!((major, minor) >= (2, 11), "{image}");
     let conf = std::fs::read_to_string(repo().join("deploy/nats.conf")).unwrap();
     assert!(conf.contains("jetstream"), "JetStream enabled");
-    let mounted = services["nats"]["volumes"].as_sequence().unwrap().iter().any(|v| v.as_str().unwrap().starts_with("./deploy/nats.conf:"));
+    let mounted = services["nats"]["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|v| v.as_str().unwrap().starts_with("./deploy/nats.conf:"));
     assert!(mounted, "nats.conf is mounted");
     let max_payload_mb: usize = conf
         .lines()
@@ -73,36 +88,86 @@ fn compose_runs_the_four_parts_on_the_ports_and_variables_the_code_uses() {
 
     // Ingest: its settings load from the compose environment and match the published port.
     let ingest_env = environment(&services["ingest"]);
-    assert_known_variables(&ingest_env, stripe_sync_ingest::settings::PLAIN_ENV, "ingest");
-    let ingest = stripe_sync_ingest::settings::Settings::load_from(&ingest_env).expect("ingest settings from compose");
-    let ports: Vec<&str> = services["ingest"]["ports"].as_sequence().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
-    assert!(ports.contains(&format!("8080:{}", ingest.http.port).as_str()), "{ports:?}");
-    assert!(!ingest.webhook.secrets.is_empty(), "a webhook secret is configured");
+    assert_known_variables(
+        &ingest_env,
+        stripe_sync_ingest::settings::PLAIN_ENV,
+        "ingest",
+    );
+    let ingest = stripe_sync_ingest::settings::Settings::load_from(&ingest_env)
+        .expect("ingest settings from compose");
+    let ports: Vec<&str> = services["ingest"]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert!(
+        ports.contains(&format!("8080:{}", ingest.http.port).as_str()),
+        "{ports:?}"
+    );
+    assert!(
+        !ingest.webhook.secrets.is_empty(),
+        "a webhook secret is configured"
+    );
     assert_eq!(ingest.nats.url.expose_secret(), "nats://nats:4222");
-    assert!(ingest.http.body_limit + 16 * 1024 <= max_payload_mb * 1024 * 1024, "body limit fits NATS max_payload");
+    assert!(
+        ingest.http.body_limit + 16 * 1024 <= max_payload_mb * 1024 * 1024,
+        "body limit fits NATS max_payload"
+    );
 
     // Applier: database URL matches the postgres service's credentials and database.
     let applier_env = environment(&services["applier"]);
-    assert_known_variables(&applier_env, stripe_sync_applier::settings::PLAIN_ENV, "applier");
-    let applier = stripe_sync_applier::settings::Settings::load_from(&applier_env).expect("applier settings from compose");
+    assert_known_variables(
+        &applier_env,
+        stripe_sync_applier::settings::PLAIN_ENV,
+        "applier",
+    );
+    let applier = stripe_sync_applier::settings::Settings::load_from(&applier_env)
+        .expect("applier settings from compose");
     let pg = environment(&services["postgres"]);
-    let expected = format!("postgres://{}:{}@postgres:5432/{}", pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"], pg["POSTGRES_DB"]);
+    let expected = format!(
+        "postgres://{}:{}@postgres:5432/{}",
+        pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"], pg["POSTGRES_DB"]
+    );
     assert_eq!(applier.database.url.expose_secret(), expected);
     assert_eq!(applier.nats.url.expose_secret(), "nats://nats:4222");
-    assert!(applier.database.run_migrations, "docker compose up runs the migrations");
-    assert_eq!(applier.stream.name, ingest.stream.name, "both use one stream");
+    assert!(
+        applier.database.run_migrations,
+        "docker compose up runs the migrations"
+    );
+    assert_eq!(
+        applier.stream.name, ingest.stream.name,
+        "both use one stream"
+    );
 
     // Both images come from the Dockerfile's targets, and start after what they need.
     let dockerfile = std::fs::read_to_string(repo().join("deploy/Dockerfile")).unwrap();
-    for (service, needs) in [("ingest", &["nats"][..]), ("applier", &["postgres", "nats"][..])] {
+    for (service, needs) in [
+        ("ingest", &["nats"][..]),
+        ("applier", &["postgres", "nats"][..]),
+    ] {
         let target = services[service]["build"]["target"].as_str().unwrap();
-        assert!(dockerfile.contains(&format!("AS {target}")), "Dockerfile has target {target}");
+        assert!(
+            dockerfile.contains(&format!("AS {target}")),
+            "Dockerfile has target {target}"
+        );
         for need in needs {
-            assert!(services[service]["depends_on"].get(*need).is_some(), "{service} waits for {need}");
+            assert!(
+                services[service]["depends_on"].get(*need).is_some(),
+                "{service} waits for {need}"
+            );
         }
     }
     if let Some(endpoint) = ingest.telemetry.otlp_endpoint {
-        let host = endpoint.trim_start_matches("http://").split(':').next().unwrap().to_owned();
-        assert!(services.get(host.as_str()).is_some(), "trace collector {host} is a service");
+        let host = endpoint
+            .trim_start_matches("http://")
+            .split(':')
+            .next()
+            .unwrap()
+            .to_owned();
+        assert!(
+            services.get(host.as_str()).is_some(),
+            "trace collector {host} is a service"
+        );
     }
 }
