@@ -1,6 +1,7 @@
 //! Planning a batch (pure): which row each new event becomes, keeping only the newest event of each object, in the
 //! same order rule the database guard applies. No I/O, so every ordering case is unit-tested here.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 use crate::event::Incoming;
@@ -11,8 +12,8 @@ use crate::registry::{DeletePolicy, Key, ObjectSpec, Registry};
 pub struct ObjectRow<'a> {
     /// `_account_id`.
     pub account: &'a str,
-    /// `id`: the object's id, or the event's for tables keyed by event.
-    pub id: &'a str,
+    /// `id`: the object's id (or the event's, the account's, a field's: see [`crate::registry::Key`]).
+    pub id: Cow<'a, str>,
     /// The object's JSON.
     pub object_json: &'a str,
     /// `livemode` of the event.
@@ -63,7 +64,7 @@ pub fn plan<'a>(
     registry: &'a Registry,
     platform_account: &'a str,
 ) -> Plan<'a> {
-    let mut by_table: BTreeMap<usize, HashMap<(&'a str, &'a str), ObjectRow<'a>>> = BTreeMap::new();
+    let mut by_table: BTreeMap<usize, HashMap<(&'a str, String), ObjectRow<'a>>> = BTreeMap::new();
     let mut unrouted = 0;
     for event in new_events {
         let routed = (|| {
@@ -71,12 +72,17 @@ pub fn plan<'a>(
             let index = registry.index_of(object_type)?;
             let spec = registry.get(object_type)?;
             let object_json = event.object_json()?;
+            let account = event.account.as_deref().unwrap_or(platform_account);
             let id = match spec.key {
-                Key::Object => event.object_id.as_deref().filter(|id| !id.is_empty())?,
-                Key::Event => event.id.as_str(),
+                Key::Object => {
+                    Cow::Borrowed(event.object_id.as_deref().filter(|id| !id.is_empty())?)
+                }
+                Key::Event => Cow::Borrowed(event.id.as_str()),
+                Key::Account => Cow::Borrowed(account),
+                Key::Field => Cow::Owned(field_id(object_json, spec.key_field.as_deref()?)?),
             };
             let row = ObjectRow {
-                account: event.account.as_deref().unwrap_or(platform_account),
+                account,
                 id,
                 object_json,
                 livemode: event.livemode,
@@ -92,14 +98,15 @@ pub fn plan<'a>(
             continue;
         };
         let rows = by_table.entry(index).or_default();
-        match rows.get(&(row.account, row.id)) {
+        let key = (row.account, row.id.clone().into_owned());
+        match rows.get(&key) {
             Some(old)
                 if !supersedes(
                     (row.created, row.seq, row.deleted),
                     (old.created, old.seq, old.deleted),
                 ) => {}
             _ => {
-                rows.insert((row.account, row.id), row);
+                rows.insert(key, row);
             }
         }
     }
@@ -107,7 +114,7 @@ pub fn plan<'a>(
         .into_iter()
         .map(|(index, rows)| {
             let mut rows: Vec<_> = rows.into_values().collect();
-            rows.sort_by(|a, b| (a.account, a.id).cmp(&(b.account, b.id)));
+            rows.sort_by(|a, b| (a.account, &a.id).cmp(&(b.account, &b.id)));
             TableRows {
                 spec: &registry.objects()[index],
                 rows,
@@ -115,6 +122,17 @@ pub fn plan<'a>(
         })
         .collect();
     Plan { tables, unrouted }
+}
+
+/// The value of `field` in an object, as a row id: a string, or an expanded object's `id`.
+fn field_id(object_json: &str, field: &str) -> Option<String> {
+    let object: HashMap<&str, &serde_json::value::RawValue> =
+        serde_json::from_str(object_json).ok()?;
+    match serde_json::from_str::<serde_json::Value>(object.get(field)?.get()).ok()? {
+        serde_json::Value::String(s) => Some(s),
+        serde_json::Value::Object(o) => o.get("id")?.as_str().map(str::to_owned),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -219,6 +237,32 @@ mod tests {
         let plan = plan([&a, &b], Registry::shipped(), "platform");
         let accounts: Vec<&str> = plan.tables[0].rows.iter().map(|r| r.account).collect();
         assert_eq!(accounts, vec!["acct_a", "platform"]);
+    }
+
+    #[test]
+    fn objects_without_an_id_are_keyed_as_their_registry_entry_says() {
+        let balance = Incoming::parse(1, br#"{"id":"evt_b","type":"balance.available","created":5,"data":{"object":{"object":"balance","available":[]}}}"#).unwrap();
+        let cash = Incoming::parse(2, br#"{"id":"evt_c","type":"cash_balance.funds_available","created":5,"data":{"object":{"object":"cash_balance","customer":"cus_9"}}}"#).unwrap();
+        let mut tax = Incoming::parse(3, br#"{"id":"evt_t","type":"tax.settings.updated","created":5,"data":{"object":{"object":"tax.settings"}}}"#).unwrap();
+        tax.account = Some("acct_x".into());
+        let plan = plan([&balance, &cash, &tax], Registry::shipped(), "platform");
+        let ids: Vec<(String, String)> = plan
+            .tables
+            .iter()
+            .flat_map(|t| {
+                t.rows
+                    .iter()
+                    .map(|r| (t.spec.table.clone(), r.id.to_string()))
+            })
+            .collect();
+        assert_eq!(
+            ids,
+            vec![
+                ("balances".into(), "evt_b".into()),
+                ("cash_balances".into(), "cus_9".into()),
+                ("tax_settings".into(), "acct_x".into())
+            ]
+        );
     }
 
     #[test]

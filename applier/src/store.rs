@@ -60,7 +60,9 @@ impl Statements {
 
 fn upsert_sql(spec: &ObjectSpec) -> String {
     let conflict = match spec.key {
-        Key::Object => format!("do update set {SET_STATE} where {GUARD}"),
+        Key::Object | Key::Account | Key::Field => {
+            format!("do update set {SET_STATE} where {GUARD}")
+        }
         Key::Event => "do nothing".to_owned(),
     };
     format!(
@@ -206,7 +208,7 @@ pub async fn upsert_rows(
     let sql = &statements.tables[table_index].upsert;
     let applied = sqlx::query(AssertSqlSafe(sql.as_str()))
         .bind(rows.iter().map(|r| r.account).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.id.as_ref()).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.object_json).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.livemode).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.deleted).collect::<Vec<_>>())

@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod compose;
+mod coverage;
 mod dead_letters;
 mod e2e;
 mod helpers;
@@ -10,3 +11,4 @@ mod lists;
 mod ordering;
 mod outages;
 mod robustness;
+mod schema_doc;

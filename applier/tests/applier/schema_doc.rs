@@ -1,0 +1,91 @@
+//! docs/schema.md lists every table and column; it is rendered from the migrated database, and this test fails when
+//! the file and the migrations disagree. Regenerate with `UPDATE_SCHEMA_DOC=1 cargo test -p stripe-sync-applier schema_doc`.
+
+use std::fmt::Write as _;
+
+use stripe_sync_applier::registry::Registry;
+use stripe_sync_testkit::db::TestDb;
+
+fn describe_fixed(column: &str) -> &'static str {
+    match column {
+        "_account_id" => {
+            "Connect account of the event, or `STRIPE_ACCOUNT_ID` (primary key, with `id`)"
+        }
+        "id" => "object id (or the event id, account id or key field, as the table's key says)",
+        "_parent_id" => "id of the parent object whose list holds this item",
+        "livemode" => "live or test mode, from the event",
+        "deleted" => "true once deleted (tombstone), or removed from its parent's list",
+        "_raw_data" => "the whole object as Stripe sent it",
+        "_last_event_id" => "event the row reflects",
+        "_last_event_created" => "that event's `created` (ordering guard)",
+        "_last_event_seq" => "that event's stream sequence (ordering guard for same-second events)",
+        "_updated_at" => "when the applier last wrote the row",
+        _ => "",
+    }
+}
+
+async fn render() -> String {
+    let db = TestDb::create().await;
+    let pool = db.pool().await;
+    stripe_sync_applier::store::migrate(&pool).await.unwrap();
+    let columns: Vec<(String, String, String, Option<String>)> = sqlx::query_as(
+        "select table_name::text, column_name::text, data_type::text, generation_expression::text \
+         from information_schema.columns where table_schema = 'stripe' order by table_name, ordinal_position",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let registry = Registry::shipped();
+    let mut out = String::from(
+        "# Schema `stripe`\n\n\
+         Every table and column, rendered from the migrations (`UPDATE_SCHEMA_DOC=1 cargo test -p stripe-sync-applier \
+         schema_doc` rewrites this file; the test fails when it and the migrations disagree).\n\n\
+         Typed columns are generated from `_raw_data` and never fail an insert: a value of an unexpected type or range \
+         reads as null (see migrations/0001_core.sql). Amounts and unix timestamps are `bigint`: \
+         `to_timestamp(created)` gives a timestamptz.\n",
+    );
+    let mut current = String::new();
+    for (table, column, data_type, generated) in columns {
+        if table != current {
+            let object = registry.objects().iter().find(|o| o.table == table);
+            let about = match (object, table.as_str()) {
+                (Some(o), _) => format!(
+                    "Stripe object `{}`; `*.deleted`: {:?}; keyed by {:?}",
+                    o.object_type, o.on_delete, o.key
+                )
+                .to_lowercase(),
+                (None, "events") => "every applied event, once per (account, id)".to_owned(),
+                (None, "incomplete_lists") => {
+                    "parents whose embedded list Stripe cut short (`has_more`)".to_owned()
+                }
+                (None, _) => String::new(),
+            };
+            write!(
+                out,
+                "\n## stripe.{table}\n\n{about}\n\n| column | type | content |\n|---|---|---|\n"
+            )
+            .unwrap();
+            current = table.clone();
+        }
+        let content = match generated.filter(|g| !g.is_empty()) {
+            Some(_) => format!("`{column}` of the object"),
+            None => describe_fixed(&column).to_owned(),
+        };
+        writeln!(out, "| {column} | {data_type} | {content} |").unwrap();
+    }
+    out
+}
+
+#[tokio::test]
+async fn docs_schema_md_matches_the_migrations() {
+    let rendered = render().await;
+    let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/schema.md"));
+    if std::env::var("UPDATE_SCHEMA_DOC").is_ok() {
+        std::fs::write(path, &rendered).unwrap();
+    }
+    let on_disk = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        on_disk == rendered,
+        "docs/schema.md is out of date with the migrations: run UPDATE_SCHEMA_DOC=1 cargo test -p stripe-sync-applier schema_doc"
+    );
+}

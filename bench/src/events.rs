@@ -1,0 +1,76 @@
+//! Realistic events for benchmarks: Stripe's own example objects (testdata/stripe/fixtures3.json) with fresh ids,
+//! a mix of types like a billing account's, and a share of updates to objects created earlier.
+
+use serde_json::{Value, json};
+use stripe_sync_testkit::stripe;
+
+/// (event type of a create, event type of an update, fixture, weight): the mix of a subscription business.
+const MIX: &[(&str, &str, &str, u32)] = &[
+    ("customer.created", "customer.updated", "customer", 15),
+    ("invoice.created", "invoice.paid", "invoice", 20),
+    (
+        "customer.subscription.created",
+        "customer.subscription.updated",
+        "subscription",
+        12,
+    ),
+    (
+        "payment_intent.created",
+        "payment_intent.succeeded",
+        "payment_intent",
+        18,
+    ),
+    ("charge.succeeded", "charge.captured", "charge", 18),
+    ("price.created", "price.updated", "price", 5),
+    ("product.created", "product.updated", "product", 4),
+    (
+        "payment_method.attached",
+        "payment_method.updated",
+        "payment_method",
+        8,
+    ),
+];
+
+/// `n` event bodies: `update_share` of them (0.3 = 30 %) update an object created earlier.
+pub fn generate(n: usize, update_share: f64, seed: u64) -> Vec<Vec<u8>> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let total: u32 = MIX.iter().map(|m| m.3).sum();
+    let templates: Vec<Value> = MIX.iter().map(|m| stripe::fixture(m.2)).collect();
+    let mut created: Vec<(usize, String)> = Vec::new();
+    let start = 1_750_000_000i64;
+    (0..n)
+        .map(|i| {
+            let update = !created.is_empty() && rng.f64() < update_share;
+            let (kind, id) = if update {
+                created[rng.usize(..created.len())].clone()
+            } else {
+                let mut pick = rng.u32(..total);
+                let kind = MIX
+                    .iter()
+                    .position(|m| {
+                        if pick < m.3 {
+                            true
+                        } else {
+                            pick -= m.3;
+                            false
+                        }
+                    })
+                    .unwrap_or(0);
+                let id = format!("{}_bench{i:08}", MIX[kind].2);
+                created.push((kind, id.clone()));
+                (kind, id)
+            };
+            let mut object = templates[kind].clone();
+            object["id"] = json!(id);
+            object["metadata"] = json!({ "bench_seq": i.to_string(), "plan": "pro" });
+            let event_type = if update { MIX[kind].1 } else { MIX[kind].0 };
+            let event = stripe::event(
+                &format!("evt_bench{i:09}"),
+                event_type,
+                start + i as i64 / 50,
+                object,
+            );
+            serde_json::to_vec(&event).unwrap_or_default()
+        })
+        .collect()
+}
