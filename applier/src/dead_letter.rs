@@ -99,3 +99,103 @@ impl DeadLetter {
         Ok(())
     }
 }
+
+/// A dead letter as stored.
+#[derive(Debug)]
+pub struct StoredLetter {
+    /// Its sequence in the dead-letter stream.
+    pub dlq_seq: u64,
+    /// Event id.
+    pub event_id: String,
+    /// Event type.
+    pub event_type: String,
+    /// The last error.
+    pub error: String,
+    /// Attempts made.
+    pub attempts: String,
+    /// When it was dead-lettered.
+    pub failed_at: String,
+    /// Its sequence in the events stream.
+    pub stream_seq: u64,
+    /// Every header.
+    pub headers: Vec<(String, String)>,
+    /// The event as received.
+    pub payload: Bytes,
+}
+
+/// Reads every dead letter, oldest first.
+pub async fn read_all(dlq: &jetstream::stream::Stream) -> anyhow::Result<Vec<StoredLetter>> {
+    let mut dlq = dlq.clone();
+    let state = dlq.info().await?.state.clone();
+    let mut letters = Vec::new();
+    if state.messages == 0 {
+        return Ok(letters);
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        // Redriven letters are deleted: their sequences are gaps.
+        let Ok(message) = dlq.get_raw_message(seq).await else {
+            continue;
+        };
+        let header = |name: &str| {
+            message
+                .headers
+                .get(name)
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default()
+        };
+        let mut headers: Vec<(String, String)> = message
+            .headers
+            .iter()
+            .flat_map(|(k, vs)| {
+                vs.iter()
+                    .map(move |v| (AsRef::<str>::as_ref(k).to_owned(), v.as_str().to_owned()))
+            })
+            .collect();
+        headers.sort();
+        letters.push(StoredLetter {
+            dlq_seq: seq,
+            event_id: header("Stripe-Event-Id"),
+            event_type: header(subjects::HEADER_EVENT_TYPE),
+            error: header(subjects::HEADER_DLQ_ERROR),
+            attempts: header(subjects::HEADER_DLQ_ATTEMPTS),
+            failed_at: header(subjects::HEADER_DLQ_FAILED_AT),
+            stream_seq: header(subjects::HEADER_DLQ_STREAM_SEQ).parse().unwrap_or(0),
+            headers,
+            payload: message.payload.clone(),
+        });
+    }
+    Ok(letters)
+}
+
+/// What a redrive did to one letter.
+#[derive(Debug)]
+pub enum Redriven {
+    /// Applied, and removed from the dead letter.
+    Applied,
+    /// Still failing; left in the dead letter.
+    Failed(String),
+}
+
+/// Applies a dead letter again through the normal path; on success removes it from the dead letter.
+pub async fn redrive(
+    dlq: &jetstream::stream::Stream,
+    applier: &crate::apply::Applier,
+    letter: &StoredLetter,
+) -> anyhow::Result<Redriven> {
+    let event = match crate::event::Incoming::parse(letter.stream_seq, &letter.payload) {
+        Ok(event) => event,
+        Err(err) => return Ok(Redriven::Failed(err.to_string())),
+    };
+    match applier
+        .apply_retrying(std::slice::from_ref(&event), crate::apply::Mode::Normal)
+        .await
+    {
+        Ok(_) => {
+            dlq.delete_message(letter.dlq_seq)
+                .await
+                .map_err(|e| anyhow::anyhow!("removing the redriven letter: {e}"))?;
+            Ok(Redriven::Applied)
+        }
+        Err(err) => Ok(Redriven::Failed(err.detail())),
+    }
+}

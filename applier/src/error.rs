@@ -13,6 +13,20 @@ pub enum ApplyError {
 }
 
 impl ApplyError {
+    /// The error with the database's own message (constraint, trigger) and SQLSTATE when there is one.
+    pub fn detail(&self) -> String {
+        match self {
+            Self::Database(sqlx::Error::Database(db)) => {
+                format!(
+                    "{} (SQLSTATE {})",
+                    db.message(),
+                    db.code().unwrap_or_default()
+                )
+            }
+            other => other.to_string(),
+        }
+    }
+
     /// Transient: connection lost or refused, pool timeout, serialization failure, deadlock, the server shutting
     /// down or out of resources, a read-only server (failover in progress), a cancelled statement. Retrying later
     /// will succeed. Everything else (a constraint or trigger an operator added, an unreadable payload) is

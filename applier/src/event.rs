@@ -176,4 +176,18 @@ mod tests {
         let parsed: serde_json::Value = serde_json::from_str(e.object_json().unwrap()).unwrap();
         assert_eq!(parsed["note"], "a\u{fffd}b");
     }
+
+    proptest::proptest! {
+        #[test]
+        fn parsing_any_bytes_never_panics(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = Incoming::parse(1, &body);
+        }
+
+        #[test]
+        fn parsing_event_shaped_text_never_panics(text in r#"\{("(id|type|created|data|object|account)":("[a-z_\\u0-9]*"|[0-9.e-]{1,8}|\{[^{}]{0,40}\}|null|\[\]),?){0,6}\}"#) {
+            if let Ok(event) = Incoming::parse(1, text.as_bytes()) {
+                let _ = event.object_json();
+            }
+        }
+    }
 }

@@ -5,12 +5,15 @@
 //! [`event`] parsing, [`plan`] (which row wins), [`store`] (all SQL), guided by the [`registry`].
 
 pub mod apply;
+pub mod commands;
 pub mod consumer;
 pub mod dead_letter;
 pub mod error;
 pub mod event;
+pub mod membership;
 pub mod plan;
 pub mod registry;
+pub mod replay;
 pub mod settings;
 pub mod startup;
 pub mod store;

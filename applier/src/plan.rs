@@ -33,8 +33,9 @@ pub struct ObjectRow<'a> {
 pub struct TableRows<'a> {
     /// The table.
     pub spec: &'a ObjectSpec,
-    /// Rows, at most one per key, sorted by key (a stable lock order).
-    pub rows: Vec<ObjectRow<'a>>,
+    /// Rows in rounds applied one after the other; each round has at most one row per key, sorted by key (a
+    /// stable lock order). One round (the newest state of each object) unless the table's objects embed lists.
+    pub rounds: Vec<Vec<ObjectRow<'a>>>,
 }
 
 /// What a batch changes.
@@ -46,16 +47,15 @@ pub struct Plan<'a> {
     pub unrouted: usize,
 }
 
-/// Does a row from event `new` replace state from event `old`? Newer `created` wins; on equal `created` the later
-/// event in the stream wins; but a tombstone yields only to a strictly newer event. Mirrored by the SQL guard.
+/// Does a row from event `new` (created, stream sequence, tombstone) replace state from event `old`? Events are
+/// ordered by `(created, tombstone, seq)`: newer `created` wins; in the same second a tombstone wins over an update
+/// (so a tombstone yields only to a strictly newer event), and otherwise the later event in the stream wins. A total
+/// order: the newest state is the same whatever order events are applied in (redeliveries, parked events, replays,
+/// lists embedded in another partition's objects). Mirrored by the SQL guard.
 pub fn supersedes(new: (i64, i64, bool), old: (i64, i64, bool)) -> bool {
     let (new_created, new_seq, new_deleted) = new;
     let (old_created, old_seq, old_deleted) = old;
-    if old_deleted && !new_deleted {
-        new_created > old_created
-    } else {
-        (new_created, new_seq) >= (old_created, old_seq)
-    }
+    (new_created, new_deleted, new_seq) >= (old_created, old_deleted, old_seq)
 }
 
 /// Plans the rows of `new_events` (events not applied before, in stream order).
@@ -64,7 +64,9 @@ pub fn plan<'a>(
     registry: &'a Registry,
     platform_account: &'a str,
 ) -> Plan<'a> {
-    let mut by_table: BTreeMap<usize, HashMap<(&'a str, String), ObjectRow<'a>>> = BTreeMap::new();
+    // Per table, per object: the chain of events each superseding the one before, in stream order.
+    let mut by_table: BTreeMap<usize, HashMap<(&'a str, String), Vec<ObjectRow<'a>>>> =
+        BTreeMap::new();
     let mut unrouted = 0;
     for event in new_events {
         let routed = (|| {
@@ -97,28 +99,42 @@ pub fn plan<'a>(
             unrouted += 1;
             continue;
         };
-        let rows = by_table.entry(index).or_default();
-        let key = (row.account, row.id.clone().into_owned());
-        match rows.get(&key) {
+        let chain = by_table
+            .entry(index)
+            .or_default()
+            .entry((row.account, row.id.clone().into_owned()))
+            .or_default();
+        match chain.last() {
             Some(old)
                 if !supersedes(
                     (row.created, row.seq, row.deleted),
                     (old.created, old.seq, old.deleted),
                 ) => {}
-            _ => {
-                rows.insert(key, row);
-            }
+            _ => chain.push(row),
         }
     }
     let tables = by_table
         .into_iter()
-        .map(|(index, rows)| {
-            let mut rows: Vec<_> = rows.into_values().collect();
-            rows.sort_by(|a, b| (a.account, &a.id).cmp(&(b.account, &b.id)));
-            TableRows {
-                spec: &registry.objects()[index],
-                rows,
-            }
+        .map(|(index, objects)| {
+            let spec = &registry.objects()[index];
+            let mut chains: Vec<Vec<ObjectRow<'a>>> = objects.into_values().collect();
+            chains.sort_by(|a, b| (a[0].account, &a[0].id).cmp(&(b[0].account, &b[0].id)));
+            // Without embedded lists only the newest state matters. With them, every state a parent went through
+            // is applied, in order, so the lists' items (and their removal marks) don't depend on how events were
+            // batched: a replay in other batches ends in the same tables.
+            let rounds = if registry.children_of(&spec.object_type).is_empty() {
+                vec![chains.into_iter().filter_map(|mut c| c.pop()).collect()]
+            } else {
+                let depth = chains.iter().map(Vec::len).max().unwrap_or(0);
+                let mut rounds: Vec<Vec<ObjectRow<'a>>> = vec![Vec::new(); depth];
+                for chain in chains {
+                    for (round, row) in chain.into_iter().enumerate() {
+                        rounds[round].push(row);
+                    }
+                }
+                rounds
+            };
+            TableRows { spec, rounds }
         })
         .collect();
     Plan { tables, unrouted }
@@ -152,8 +168,9 @@ mod tests {
         plan.tables
             .iter()
             .flat_map(|t| {
-                t.rows
+                t.rounds
                     .iter()
+                    .flatten()
                     .map(|r| (t.spec.table.clone(), r.event_id.to_owned(), r.deleted))
             })
             .collect()
@@ -215,6 +232,57 @@ mod tests {
     }
 
     #[test]
+    fn parents_of_embedded_lists_go_through_every_state_in_order() {
+        let events = [
+            event(
+                1,
+                "evt_1",
+                "customer.subscription.updated",
+                10,
+                "subscription:sub_1",
+            ),
+            event(
+                2,
+                "evt_old",
+                "customer.subscription.updated",
+                5,
+                "subscription:sub_1",
+            ),
+            event(
+                3,
+                "evt_2",
+                "customer.subscription.updated",
+                11,
+                "subscription:sub_1",
+            ),
+            event(4, "evt_c1", "customer.updated", 10, "customer:cus_1"),
+            event(5, "evt_c2", "customer.updated", 11, "customer:cus_1"),
+        ];
+        let plan = plan(&events, Registry::shipped(), "p");
+        let rounds: Vec<(String, Vec<Vec<&str>>)> = plan
+            .tables
+            .iter()
+            .map(|t| {
+                (
+                    t.spec.table.clone(),
+                    t.rounds
+                        .iter()
+                        .map(|r| r.iter().map(|row| row.event_id).collect())
+                        .collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            rounds,
+            vec![
+                ("customers".into(), vec![vec!["evt_c2"]]),
+                ("subscriptions".into(), vec![vec!["evt_1"], vec!["evt_2"]]),
+            ],
+            "a late older event is still dropped; the states that win follow one another"
+        );
+    }
+
+    #[test]
     fn a_subscription_deleted_event_is_a_state_change_not_a_tombstone() {
         let events = [event(
             1,
@@ -235,7 +303,7 @@ mod tests {
         a.account = Some("acct_a".into());
         let b = event(2, "evt_b", "product.updated", 10, "product:gold");
         let plan = plan([&a, &b], Registry::shipped(), "platform");
-        let accounts: Vec<&str> = plan.tables[0].rows.iter().map(|r| r.account).collect();
+        let accounts: Vec<&str> = plan.tables[0].rounds[0].iter().map(|r| r.account).collect();
         assert_eq!(accounts, vec!["acct_a", "platform"]);
     }
 
@@ -250,8 +318,9 @@ mod tests {
             .tables
             .iter()
             .flat_map(|t| {
-                t.rows
+                t.rounds
                     .iter()
+                    .flatten()
                     .map(|r| (t.spec.table.clone(), r.id.to_string()))
             })
             .collect();
@@ -291,5 +360,22 @@ mod tests {
         assert!(!supersedes((10, 2, false), (10, 1, true)));
         assert!(supersedes((10, 2, true), (10, 1, false)));
         assert!(supersedes((11, 0, false), (10, 1, true)));
+    }
+
+    proptest::proptest! {
+        /// Whatever order the events of one object are applied in, the same one ends up in the row.
+        #[test]
+        fn the_winner_does_not_depend_on_the_order_of_application(
+            events in proptest::collection::vec((0i64..4, proptest::bool::ANY), 1..12),
+            seed in proptest::prelude::any::<u64>(),
+        ) {
+            let events: Vec<(i64, i64, bool)> = events.iter().enumerate().map(|(seq, (c, d))| (*c, seq as i64, *d)).collect();
+            let fold = |order: &[(i64, i64, bool)]| {
+                order.iter().copied().reduce(|current, next| if supersedes(next, current) { next } else { current })
+            };
+            let mut shuffled = events.clone();
+            fastrand::Rng::with_seed(seed).shuffle(&mut shuffled);
+            proptest::prop_assert_eq!(fold(&events), fold(&shuffled));
+        }
     }
 }

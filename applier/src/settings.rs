@@ -100,6 +100,10 @@ pub struct ApplierSettings {
     /// How long a partition stays pinned to an applier that stopped pulling, before another one takes it over.
     #[serde(with = "humantime_serde")]
     pub pin_timeout: Duration,
+    /// An applier that has not renewed its membership for this long counts as gone, and its partitions are dealt
+    /// to the others. With `pin_timeout` and `ack_wait`, this bounds the failover time.
+    #[serde(with = "humantime_serde")]
+    pub member_ttl: Duration,
     /// A permanently failing event (a constraint or trigger rejects it, an unreadable payload) goes to the dead
     /// letter after this many attempts.
     pub dead_letter_after: u32,
@@ -118,8 +122,9 @@ impl Default for ApplierSettings {
             consumer_prefix: "stripe-sync-applier".into(),
             batch_size: 500,
             batch_wait: Duration::from_millis(10),
-            ack_wait: Duration::from_secs(30),
+            ack_wait: Duration::from_secs(10),
             pin_timeout: Duration::from_secs(6),
+            member_ttl: Duration::from_secs(6),
             dead_letter_after: 5,
             retry_initial: Duration::from_millis(500),
             retry_max: Duration::from_secs(30),

@@ -1,6 +1,7 @@
 //! Building and running the applier: connect to Postgres (and migrate), to NATS (and check the streams), then run a
 //! pump and a worker per partition until the shutdown future resolves.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use tokio::sync::{mpsc, watch};
 use crate::apply::Applier;
 use crate::consumer;
 use crate::dead_letter::DeadLetter;
+use crate::membership::{self, Membership};
 use crate::registry::Registry;
 use crate::settings::Settings;
 use crate::store;
@@ -89,8 +91,68 @@ pub async fn connect_streams(
     }
 }
 
-/// Runs the applier until `shutdown` resolves; then every worker finishes and acks its batch, hands back what it
-/// had not started (so another applier gets it at once), releases its pins, and the call returns.
+/// What a running applier shares between its partitions.
+struct Context {
+    settings: Settings,
+    stream: Stream,
+    topology: Topology,
+    applier: Arc<Applier>,
+    dead_letter: DeadLetter,
+}
+
+/// A partition this applier works: its pump, its worker, and the pin the server gave it.
+struct Partition {
+    stop: watch::Sender<bool>,
+    pump: tokio::task::JoinHandle<()>,
+    worker: tokio::task::JoinHandle<()>,
+    pin: watch::Receiver<Option<String>>,
+}
+
+impl Context {
+    fn start(&self, partition: u32) -> Partition {
+        let (stop, stop_rx) = watch::channel(false);
+        let (tx, rx) = mpsc::channel(self.settings.applier.batch_size.max(1));
+        let (pin_tx, pin) = watch::channel(None);
+        let pump = tokio::spawn(consumer::pump(
+            self.stream.clone(),
+            self.settings.applier.clone(),
+            self.topology.clone(),
+            partition,
+            tx,
+            stop_rx.clone(),
+            pin_tx,
+        ));
+        let worker = Worker {
+            partition,
+            applier: self.applier.clone(),
+            dead_letter: self.dead_letter.clone(),
+            settings: self.settings.applier.clone(),
+        };
+        let worker = tokio::spawn(worker.run(rx, stop_rx));
+        tracing::info!(partition, "working partition");
+        Partition {
+            stop,
+            pump,
+            worker,
+            pin,
+        }
+    }
+
+    /// Stops a partition: the worker finishes and acks its batch and hands back the rest; then the pin is released
+    /// so the partition's next applier starts at once.
+    async fn stop(&self, partition: u32, running: Partition) {
+        let _ = running.stop.send(true);
+        let _ = running.worker.await;
+        let _ = running.pump.await;
+        let our_pin = running.pin.borrow().clone();
+        consumer::release_pin(&self.stream, &self.settings.applier, partition, our_pin).await;
+        tracing::info!(partition, "released partition");
+    }
+}
+
+/// Runs the applier until `shutdown` resolves: joins the appliers' membership, works the partitions dealt to it
+/// (taking over or handing back partitions as appliers come and go), and on shutdown finishes and acks every batch
+/// in hand, hands back what it had not started, releases its pins and leaves.
 pub async fn run_until(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -106,45 +168,88 @@ pub async fn run_until(
         tracing::info!("migrations up to date");
     }
     let (js, stream, topology) = connect_streams(&settings, &mut stop_rx).await?;
-    let applier = Arc::new(Applier::new(
-        pool.clone(),
-        Registry::shipped(),
-        settings.applier.account_id.clone(),
-    ));
-    let dead_letter = DeadLetter::new(js.clone(), topology.clone());
-    tracing::info!(stream = %settings.stream.name, partitions = topology.partitions, "applier running");
+    let membership =
+        Membership::join(&js, &settings.stream.name, settings.applier.member_ttl).await?;
+    let context = Context {
+        applier: Arc::new(Applier::new(
+            pool.clone(),
+            Registry::shipped(),
+            settings.applier.account_id.clone(),
+        )),
+        dead_letter: DeadLetter::new(js.clone(), topology.clone()),
+        settings,
+        stream,
+        topology,
+    };
+    tracing::info!(
+        stream = %context.settings.stream.name,
+        partitions = context.topology.partitions,
+        member = membership.id(),
+        "applier running"
+    );
 
-    let mut tasks = Vec::new();
-    for partition in 0..topology.partitions {
-        let (tx, rx) = mpsc::channel(settings.applier.batch_size.max(1));
-        let (pin_tx, pin_rx) = watch::channel(None);
-        let pump = tokio::spawn(consumer::pump(
-            stream.clone(),
-            settings.applier.clone(),
-            topology.clone(),
-            partition,
-            tx,
-            stop_rx.clone(),
-            pin_tx,
-        ));
-        let worker = Worker {
-            partition,
-            applier: applier.clone(),
-            dead_letter: dead_letter.clone(),
-            settings: settings.applier.clone(),
+    let mut running: BTreeMap<u32, Partition> = BTreeMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let heartbeat_every = context.settings.applier.member_ttl / 3;
+    let mut last_heartbeat = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = stop_rx.wait_for(|s| *s) => break,
+            _ = tick.tick() => {}
+        }
+        if last_heartbeat.elapsed() >= heartbeat_every {
+            match membership.heartbeat().await {
+                Ok(()) => last_heartbeat = tokio::time::Instant::now(),
+                Err(err) => {
+                    tracing::warn!(error = %format!("{err:#}"), "membership heartbeat failed")
+                }
+            }
+        }
+        let members = match membership.members().await {
+            Ok(members) => members,
+            Err(err) => {
+                tracing::debug!(error = %format!("{err:#}"), "cannot read the members; keeping the current partitions");
+                continue;
+            }
         };
-        let worker = tokio::spawn(worker.run(rx, stop_rx.clone()));
-        tasks.push((partition, pump, worker, pin_rx));
+        let desired: BTreeSet<u32> =
+            membership::owned(context.topology.partitions, &members, membership.id())
+                .into_iter()
+                .collect();
+        let to_stop: Vec<u32> = running
+            .keys()
+            .copied()
+            .filter(|p| !desired.contains(p))
+            .collect();
+        if !to_stop.is_empty() {
+            tracing::info!(?to_stop, members = members.len(), "handing partitions over");
+        }
+        futures::future::join_all(
+            to_stop
+                .into_iter()
+                .filter_map(|p| running.remove(&p).map(|t| context.stop(p, t))),
+        )
+        .await;
+        for p in desired {
+            let finished = running
+                .get(&p)
+                .is_some_and(|t| t.worker.is_finished() || t.pump.is_finished());
+            if finished && let Some(task) = running.remove(&p) {
+                tracing::warn!(partition = p, "partition task ended; restarting it");
+                context.stop(p, task).await;
+            }
+            running.entry(p).or_insert_with(|| context.start(p));
+        }
     }
 
-    let _ = stop_rx.wait_for(|s| *s).await;
     tracing::info!("stopping: finishing the batches in hand");
-    for (partition, pump, worker, pin_rx) in tasks {
-        let _ = worker.await;
-        let _ = pump.await;
-        let our_pin = pin_rx.borrow().clone();
-        consumer::release_pin(&stream, &settings.applier, partition, our_pin).await;
-    }
+    membership.leave().await;
+    futures::future::join_all(
+        std::mem::take(&mut running)
+            .into_iter()
+            .map(|(p, t)| context.stop(p, t)),
+    )
+    .await;
     stopper.abort();
     if let Err(err) = js.client().flush().await {
         tracing::warn!(error = %err, "flushing acks at shutdown failed");

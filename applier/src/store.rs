@@ -18,9 +18,8 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 }
 
 /// The SQL rule "does the incoming row replace the stored one", mirror of [`crate::plan::supersedes`].
-const GUARD: &str = "case when t.deleted and not excluded.deleted \
-    then excluded._last_event_created > t._last_event_created \
-    else (excluded._last_event_created, excluded._last_event_seq) >= (t._last_event_created, t._last_event_seq) end";
+const GUARD: &str = "(excluded._last_event_created, excluded.deleted, excluded._last_event_seq) \
+    >= (t._last_event_created, t.deleted, t._last_event_seq)";
 
 const SET_STATE: &str = "_raw_data = excluded._raw_data, livemode = excluded.livemode, deleted = excluded.deleted, \
     _last_event_id = excluded._last_event_id, _last_event_created = excluded._last_event_created, \
@@ -100,7 +99,7 @@ fn children_sql(parent: &ObjectSpec, child: &ChildList) -> String {
                  and jsonb_typeof(p.list -> 'data') = 'array' \
                  and p.list -> 'has_more' is distinct from 'true'::jsonb \
                  and not exists (select 1 from items i where i.acc = t._account_id and i.item ->> 'id' = t.id) \
-                 and (p.c, p.s) >= (t._last_event_created, t._last_event_seq) \
+                 and (p.c, true, p.s) >= (t._last_event_created, t.deleted, t._last_event_seq) \
                returning 1)"
         )
     } else {

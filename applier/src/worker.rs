@@ -19,7 +19,6 @@ use tracing::Instrument;
 use crate::apply::{Applier, Mode};
 use crate::consumer::wait_or_stop;
 use crate::dead_letter::{DeadLetter, Letter};
-use crate::error::ApplyError;
 use crate::event::Incoming;
 use crate::settings::ApplierSettings;
 
@@ -204,12 +203,11 @@ impl Worker {
         let mut backoff = self.backoff();
         let mut last_progress = Instant::now();
         loop {
-            match self
+            let apply = self
                 .applier
                 .apply(&events, Mode::Normal)
-                .instrument(span.clone())
-                .await
-            {
+                .instrument(span.clone());
+            match self.with_progress(&received, apply).await {
                 Ok(report) => {
                     tracing::debug!(parent: &span, new = report.new, rows = report.rows_written, stale = report.rows_stale, "batch committed");
                     for r in &received {
@@ -255,6 +253,29 @@ impl Worker {
         }
     }
 
+    /// Runs `work` while extending the ack deadline of `received` (a slow transaction must not cause redelivery).
+    async fn with_progress<T>(
+        &self,
+        received: &[Received],
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
+        tokio::pin!(work);
+        let mut tick = tokio::time::interval_at(
+            Instant::now() + self.progress_interval(),
+            self.progress_interval(),
+        );
+        loop {
+            tokio::select! {
+                output = &mut work => return output,
+                _ = tick.tick() => {
+                    for r in received {
+                        r.ack(AckKind::Progress).await;
+                    }
+                }
+            }
+        }
+    }
+
     /// Applies one event, retrying transient failures without limit.
     async fn apply_single(
         &self,
@@ -278,7 +299,7 @@ impl Worker {
                         return Single::Stopping;
                     }
                 }
-                Err(err) => return Single::Failed(describe(&err)),
+                Err(err) => return Single::Failed(err.detail()),
             }
         }
     }
@@ -377,20 +398,6 @@ impl Worker {
                 false
             }
         }
-    }
-}
-
-/// An error with its database detail (constraint, trigger message) when there is one.
-fn describe(err: &ApplyError) -> String {
-    match err {
-        ApplyError::Database(sqlx::Error::Database(db)) => {
-            format!(
-                "{} (SQLSTATE {})",
-                db.message(),
-                db.code().unwrap_or_default()
-            )
-        }
-        other => other.to_string(),
     }
 }
 

@@ -127,27 +127,28 @@ async fn apply_plain(
         ))
     });
     let plan = plan::plan(new, registry, "platform");
-    for rows in &plan.tables {
-        let index = registry
-            .index_of(&rows.spec.object_type)
-            .unwrap_or_default();
+    for (spec, rows) in plan
+        .tables
+        .iter()
+        .flat_map(|t| t.rounds.iter().map(move |r| (t.spec, r)))
+    {
+        let index = registry.index_of(&spec.object_type).unwrap_or_default();
         let Some(table) = &tables[index] else {
             continue;
         };
         let parsed: Vec<serde_json::Map<String, Value>> = rows
-            .rows
             .iter()
             .map(|r| serde_json::from_str(r.object_json).unwrap_or_default())
             .collect();
         let mut query = sqlx::query(AssertSqlSafe(table.sql.as_str()))
-            .bind(rows.rows.iter().map(|r| r.account).collect::<Vec<_>>())
-            .bind(rows.rows.iter().map(|r| r.id.as_ref()).collect::<Vec<_>>())
-            .bind(rows.rows.iter().map(|r| r.object_json).collect::<Vec<_>>())
-            .bind(rows.rows.iter().map(|r| r.livemode).collect::<Vec<_>>())
-            .bind(rows.rows.iter().map(|r| r.deleted).collect::<Vec<_>>())
-            .bind(rows.rows.iter().map(|r| r.event_id).collect::<Vec<_>>())
-            .bind(rows.rows.iter().map(|r| r.created).collect::<Vec<_>>())
-            .bind(rows.rows.iter().map(|r| r.seq).collect::<Vec<_>>());
+            .bind(rows.iter().map(|r| r.account).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.id.as_ref()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.object_json).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.livemode).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.deleted).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.event_id).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.created).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.seq).collect::<Vec<_>>());
         for (column, data_type) in &table.columns {
             query = query.bind(
                 parsed

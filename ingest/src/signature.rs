@@ -318,4 +318,31 @@ mod tests {
     fn needs_at_least_one_secret() {
         assert!(Verifier::new(&[], Duration::from_secs(1)).is_err());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn the_header_parser_never_panics(header in ".{0,300}") {
+            let _ = SignatureHeader::parse(&header);
+        }
+
+        #[test]
+        fn header_shaped_input_never_panics(header in "( ?(t|v1|v0|x)=[0-9a-fA-F,=-]{0,70} ?,?){0,6}") {
+            let _ = verifier(&["whsec_a"]).verify(Some(&header), b"{}", NOW);
+        }
+
+        #[test]
+        fn verify_never_panics_on_any_input(
+            header in proptest::option::of(".{0,200}"),
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+            now in proptest::prelude::any::<i64>(),
+        ) {
+            let _ = verifier(&["whsec_a", "whsec_b"]).verify(header.as_deref(), &body, now);
+        }
+
+        #[test]
+        fn what_stripe_signs_is_accepted(secret in "whsec_[a-zA-Z0-9]{1,40}", body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512), skew in -300i64..=300) {
+            let header = sign(&secret, NOW + skew, &body);
+            proptest::prop_assert_eq!(verifier(&[&secret]).verify(Some(&header), &body, NOW), Ok(()));
+        }
+    }
 }

@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 
 use serde::Deserialize;
-use serde::de::{Deserializer, IgnoredAny, Visitor};
+use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 /// Why a body is not a Stripe event.
@@ -49,27 +49,131 @@ fn no_data<O>() -> EventData<O> {
     EventData { object: None }
 }
 
-/// `data` of an event.
-#[derive(Debug, Deserialize)]
+/// `data` of an event. Anything but a JSON object reads as "no object".
+#[derive(Debug)]
 pub struct EventData<O> {
     /// The object the event is about.
-    #[serde(default = "none")]
     pub object: Option<O>,
 }
 
-fn none<O>() -> Option<O> {
-    None
+impl<'de, O: Deserialize<'de>> Deserialize<'de> for EventData<O> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<O>(std::marker::PhantomData<O>);
+        impl<'de, O: Deserialize<'de>> Visitor<'de> for V<O> {
+            type Value = EventData<O>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut object = None;
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    if key == "object" && object.is_none() {
+                        object = Some(map.next_value::<O>()?);
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(EventData { object })
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                IgnoredAny
+                    .visit_seq(seq)
+                    .map(|_| EventData { object: None })
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(EventData { object: None })
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(EventData { object: None })
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(EventData { object: None })
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(EventData { object: None })
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(EventData { object: None })
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(EventData { object: None })
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
 }
 
-/// `id` and `object` (its type) of a Stripe object.
-#[derive(Debug, Default, Deserialize)]
+/// `id` and `object` (its type) of a Stripe object. Anything but a JSON object reads as an object without either.
+#[derive(Debug, Default)]
 pub struct ObjectHead<'a> {
     /// Object id, absent for objects that have none (`balance`).
-    #[serde(borrow, default, deserialize_with = "lenient_str")]
     pub id: Option<Cow<'a, str>>,
     /// Object type, e.g. `customer`, `checkout.session`.
-    #[serde(borrow, default, deserialize_with = "lenient_str")]
     pub object: Option<Cow<'a, str>>,
+}
+
+/// A string field read leniently (see [`lenient_str`]).
+struct LenientStr<'a>(Option<Cow<'a, str>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for LenientStr<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        lenient_str(d).map(LenientStr)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for ObjectHead<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = ObjectHead<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut head = ObjectHead::default();
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "id" if head.id.is_none() => head.id = map.next_value::<LenientStr>()?.0,
+                        "object" if head.object.is_none() => {
+                            head.object = map.next_value::<LenientStr>()?.0
+                        }
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(head)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                IgnoredAny.visit_seq(seq).map(|_| ObjectHead::default())
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(ObjectHead::default())
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(ObjectHead::default())
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(ObjectHead::default())
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(ObjectHead::default())
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(ObjectHead::default())
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(ObjectHead::default())
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
 }
 
 /// What ingest reads: id and type are required, the rest is optional.
@@ -246,5 +350,57 @@ mod tests {
         assert_eq!(raw.get(), r#"{"id":"o_1", "object":"thing","n":1.50}"#);
         assert_eq!(object_head(raw).id.as_deref(), Some("o_1"));
         assert_eq!(head.created, Some(1_700_000_000));
+    }
+
+    fn json_value() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::Bool),
+            any::<i64>().prop_map(|n| serde_json::json!(n)),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(|f| serde_json::json!(f)),
+            "[a-z_.]{0,12}".prop_map(serde_json::Value::String),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::Array),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("id".to_owned()),
+                        Just("type".to_owned()),
+                        Just("data".to_owned()),
+                        Just("object".to_owned()),
+                        Just("account".to_owned()),
+                        "[a-z]{1,6}"
+                    ],
+                    inner,
+                    0..6
+                )
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_head_parser_never_panics_on_bytes(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = RoutingHead::parse(&body);
+        }
+
+        #[test]
+        fn the_head_parser_never_panics_on_any_json(value in json_value()) {
+            let body = serde_json::to_vec(&value).unwrap();
+            let _ = RoutingHead::parse(&body);
+            let _ = parse_object::<EventHead<&RawValue>>(&body);
+        }
+
+        #[test]
+        fn an_event_with_string_id_and_type_is_always_accepted(id in "[a-zA-Z0-9_]{1,30}", kind in "[a-z_.]{1,40}", data in json_value()) {
+            let body = serde_json::to_vec(&serde_json::json!({ "id": id, "type": kind, "data": data })).unwrap();
+            let head = RoutingHead::parse(&body).unwrap();
+            proptest::prop_assert_eq!(head.id.as_ref(), id.as_str());
+        }
     }
 }

@@ -152,7 +152,7 @@ impl Default for StreamSettings {
         Self {
             name: "STRIPE_EVENTS".into(),
             subject_prefix: "stripe".into(),
-            partitions: 1,
+            partitions: 16,
             max_age: Duration::from_secs(30 * 24 * 3600),
             max_bytes: -1,
             duplicate_window: Duration::from_secs(120),

@@ -9,6 +9,7 @@
 
 pub mod db;
 pub mod nats;
+pub mod postgres;
 pub mod proxy;
 pub mod stripe;
 

@@ -16,7 +16,11 @@ pub struct TestNats {
 impl TestNats {
     /// Starts a server on a free port with its own JetStream store.
     pub fn start() -> Self {
-        let binary = find_server();
+        Self::start_binary(find_server())
+    }
+
+    /// Starts a given `nats-server` binary (e.g. an old one, to check we refuse it).
+    pub fn start_binary(binary: PathBuf) -> Self {
         let dir = std::env::temp_dir().join(crate::unique_name("stripe-sync-nats"));
         std::fs::create_dir_all(&dir).unwrap();
         let port = free_port();
@@ -124,6 +128,19 @@ fn version_ok(binary: &Path) -> bool {
         .trim_start_matches('v');
     let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (2, 11)
+}
+
+/// A `nats-server` older than 2.11: `$NATS_OLD_SERVER_BIN` (scripts/test.sh installs 2.10), else one on `PATH`.
+pub fn find_old_server() -> PathBuf {
+    if let Ok(bin) = std::env::var("NATS_OLD_SERVER_BIN") {
+        return PathBuf::from(bin);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|dir| dir.join("nats-server"))
+        .find(|candidate| candidate.is_file() && !version_ok(candidate))
+        .expect("no nats-server older than 2.11 found: run scripts/test.sh (it installs 2.10), or set NATS_OLD_SERVER_BIN")
 }
 
 /// A port free right now on 127.0.0.1.

@@ -85,5 +85,47 @@ async fn a_poison_event_is_dead_lettered_and_the_partition_keeps_flowing() {
     );
     let body: serde_json::Value = serde_json::from_slice(&letter.payload).unwrap();
     assert_eq!(body["id"], "evt_poison");
+
+    // The operator finds it, removes the cause, and redrives it through the normal path.
+    let (ok, list) = env.applier_cli(&["dlq", "list"]).await;
+    assert!(ok, "{list}");
+    let line = list
+        .lines()
+        .find(|l| l.starts_with("evt_poison"))
+        .unwrap_or_else(|| panic!("{list}"));
+    assert!(
+        line.contains("customer.created") && line.contains("no_poison"),
+        "{line}"
+    );
+    let (ok, shown) = env.applier_cli(&["dlq", "show", "evt_poison"]).await;
+    assert!(
+        ok && shown.contains("Stripe-Sync-Attempts: 3") && shown.contains("poison@example.com"),
+        "{shown}"
+    );
+    let (ok, output) = env.applier_cli(&["dlq", "redrive", "evt_poison"]).await;
+    assert!(
+        !ok && output.contains("still failing"),
+        "the cause is still there: {output}"
+    );
+    assert_eq!(env.dead_letters().await, 1);
+
+    sqlx::query("alter table stripe.customers drop constraint no_poison")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let (ok, output) = env.applier_cli(&["dlq", "redrive", "evt_poison"]).await;
+    assert!(ok && output.contains("applied"), "{output}");
+    assert_eq!(
+        env.scalar::<String>("select email from stripe.customers where id = 'cus_poison'")
+            .await,
+        "poison@example.com"
+    );
+    assert_eq!(
+        env.dead_letters().await,
+        0,
+        "a redriven letter leaves the dead letter"
+    );
+    let (ok, output) = env.applier_cli(&["dlq", "redrive", "--all"]).await;
+    assert!(!ok && output.contains("no dead letter"), "{output}");
     applier.stop().await;
 }

@@ -24,6 +24,42 @@ pub struct TestEnv {
     pub env: HashMap<String, String>,
     pub stream_name: String,
     pub topology: Topology,
+    js: tokio::sync::OnceCell<jetstream::Context>,
+    stream_ready: tokio::sync::OnceCell<()>,
+}
+
+/// A child process, killed (SIGKILL) when dropped.
+pub struct ChildGuard {
+    pub child: Option<std::process::Child>,
+    pub log: std::path::PathBuf,
+}
+
+impl ChildGuard {
+    /// SIGKILL: the process dies mid-work, as on a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit code.
+    pub async fn terminate(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        tokio::task::spawn_blocking(move || child.wait().ok()?.code())
+            .await
+            .ok()?
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 pub struct Running {
@@ -49,10 +85,27 @@ impl TestEnv {
     }
 
     pub async fn with_env(extra: &[(&str, &str)]) -> Self {
-        init_telemetry();
-        let nats = TestNats::start();
         let db = TestDb::create().await;
         let pool = db.pool().await;
+        Self::build(db, pool, extra)
+    }
+
+    /// An environment whose database is `url` (a private server) instead of a fresh one on the shared server.
+    pub async fn with_database_url(url: &str, extra: &[(&str, &str)]) -> Self {
+        let db = TestDb::create().await; // unused, keeps the struct uniform
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(url)
+            .await
+            .expect("private Postgres");
+        let mut extra: Vec<(&str, &str)> = extra.to_vec();
+        extra.push(("DATABASE_URL", url));
+        Self::build(db, pool, &extra)
+    }
+
+    fn build(db: TestDb, pool: PgPool, extra: &[(&str, &str)]) -> Self {
+        init_telemetry();
+        let nats = TestNats::start();
         let stream_name = unique_name("EVENTS");
         let mut env: HashMap<String, String> = HashMap::from([
             ("NATS_URL".into(), nats.url()),
@@ -72,9 +125,10 @@ impl TestEnv {
         for (k, v) in extra {
             env.insert((*k).into(), (*v).into());
         }
-        let partitions = env
-            .get("STRIPE_SYNC__STREAM__PARTITIONS")
-            .map_or(1, |p| p.parse().unwrap());
+        let partitions = Settings::load_from(&env)
+            .expect("settings")
+            .stream
+            .partitions;
         let topology = Topology {
             prefix: "stripe".into(),
             partitions,
@@ -86,6 +140,8 @@ impl TestEnv {
             env,
             stream_name,
             topology,
+            js: tokio::sync::OnceCell::new(),
+            stream_ready: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -142,12 +198,25 @@ impl TestEnv {
         (base, task)
     }
 
+    /// A JetStream context of the test's own (one connection, reused; it reconnects after a NATS restart).
     pub async fn jetstream(&self) -> jetstream::Context {
-        jetstream::new(
-            async_nats::connect(self.nats.url())
-                .await
-                .expect("test connects to NATS"),
-        )
+        self.js
+            .get_or_init(|| async {
+                let client = async_nats::ConnectOptions::new()
+                    .retry_on_initial_connect()
+                    .max_reconnects(None)
+                    .connect(self.nats.url())
+                    .await
+                    .expect("test connects to NATS");
+                eventually(PATIENCE, "test client connected to NATS", || async {
+                    (client.connection_state() == async_nats::connection::State::Connected)
+                        .then_some(())
+                })
+                .await;
+                jetstream::new(client)
+            })
+            .await
+            .clone()
     }
 
     /// Makes sure the events stream exists (as ingest would create it).
@@ -175,7 +244,11 @@ impl TestEnv {
     }
 
     pub async fn publish_raw(&self, body: Vec<u8>, event: &Value) -> u64 {
-        self.ensure_stream().await;
+        self.stream_ready
+            .get_or_init(|| async {
+                self.ensure_stream().await;
+            })
+            .await;
         let object_id = event["data"]["object"]["id"]
             .as_str()
             .unwrap_or(event["id"].as_str().unwrap_or("x"));
@@ -216,6 +289,55 @@ impl TestEnv {
         .await;
     }
 
+    /// Starts the applier binary as its own process (killed when the handle drops), logging to a file.
+    pub fn spawn_applier_process(&self, name: &str) -> ChildGuard {
+        let log = std::env::temp_dir().join(format!("{}-{name}.log", self.stream_name));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_stripe-sync-applier"))
+            .envs(&self.env)
+            .env("RUST_LOG", "info")
+            .stdout(std::fs::File::create(&log).expect("log file"))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawning the applier");
+        ChildGuard {
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// Runs the applier binary with arguments; returns (success, stdout).
+    pub async fn applier_cli(&self, args: &[&str]) -> (bool, String) {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_stripe-sync-applier"))
+            .args(args)
+            .envs(&self.env)
+            .env("RUST_LOG", "warn")
+            .output()
+            .await
+            .expect("running the applier binary");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        (output.status.success(), format!("{stdout}{stderr}"))
+    }
+
+    /// Messages delivered to appliers and not acked yet, over all partitions.
+    pub async fn ack_pending(&self) -> Option<u64> {
+        let stream = self
+            .jetstream()
+            .await
+            .get_stream(&self.stream_name)
+            .await
+            .ok()?;
+        let mut total = 0;
+        for p in 0..self.topology.partitions {
+            total += stream
+                .consumer_info(format!("stripe-sync-applier-p{p}"))
+                .await
+                .ok()?
+                .num_ack_pending as u64;
+        }
+        Some(total)
+    }
+
     /// Waits until `sql` (returning one bigint) returns `want`.
     pub async fn wait_count(&self, sql: &str, want: i64) {
         eventually(PATIENCE, &format!("{sql} = {want}"), || async {
@@ -224,6 +346,18 @@ impl TestEnv {
                 .await
                 .ok()?;
             (got == want).then_some(())
+        })
+        .await;
+    }
+
+    /// Waits until `sql` (returning one bigint) returns at least `want`.
+    pub async fn wait_count_at_least(&self, sql: &str, want: i64) {
+        eventually(PATIENCE, &format!("{sql} >= {want}"), || async {
+            let got: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+                .fetch_one(&self.pool)
+                .await
+                .ok()?;
+            (got >= want).then_some(())
         })
         .await;
     }

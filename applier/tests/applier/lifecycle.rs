@@ -81,16 +81,7 @@ async fn the_binary_applies_events_and_exits_0_on_sigterm() {
     assert_eq!(exit.code(), Some(0));
     // It released its hold: nothing is left unacknowledged.
     eventually(PATIENCE, "nothing pending after a clean stop", || async {
-        let info = env
-            .jetstream()
-            .await
-            .get_stream(&env.stream_name)
-            .await
-            .ok()?
-            .consumer_info("stripe-sync-applier-p0")
-            .await
-            .ok()?;
-        (info.num_ack_pending == 0).then_some(())
+        (env.ack_pending().await? == 0).then_some(())
     })
     .await;
 }

@@ -82,20 +82,10 @@ async fn postgres_unreachable_for_a_while_then_the_applier_catches_up() {
         .await;
     }
     // The applier keeps the events in hand (unacked) and retries while Postgres is away.
-    let js = env.jetstream().await;
     eventually(
         PATIENCE,
         "the applier holds the events while the database is away",
-        || async {
-            let info = js
-                .get_stream(&env.stream_name)
-                .await
-                .ok()?
-                .consumer_info("stripe-sync-applier-p0")
-                .await
-                .ok()?;
-            (info.num_ack_pending > 0).then_some(())
-        },
+        || async { (env.ack_pending().await? > 0).then_some(()) },
     )
     .await;
     eventually(

@@ -1,0 +1,155 @@
+//! A private Postgres cluster (initdb in a temporary folder, on a free port) that a test can restart, for outages
+//! the shared server must not suffer. Runs as the `postgres` user when the tests run as root.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A private Postgres server, stopped and removed on drop.
+pub struct TestPostgres {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+}
+
+fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("PG_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .filter(|p| p.join("initdb").exists())
+                .collect()
+        })
+        .unwrap_or_default();
+    versions.sort();
+    versions.pop().expect("no Postgres server binaries (initdb) in /usr/lib/postgresql: run scripts/test.sh, or set PG_BIN_DIR")
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn run(bin: &Path, tool: &str, args: &[&str]) {
+    let program = bin.join(tool);
+    let status = if is_root() {
+        Command::new("runuser")
+            .arg("-u")
+            .arg("postgres")
+            .arg("--")
+            .arg(&program)
+            .args(args)
+            .status()
+    } else {
+        Command::new(&program).args(args).status()
+    };
+    let status = status.unwrap_or_else(|e| panic!("running {}: {e}", program.display()));
+    assert!(status.success(), "{tool} {args:?} failed");
+}
+
+impl TestPostgres {
+    /// Creates and starts a cluster with trust authentication on 127.0.0.1.
+    pub fn start() -> Self {
+        let bin = bin_dir();
+        let dir = std::env::temp_dir().join(crate::unique_name("stripe-sync-pg"));
+        std::fs::create_dir_all(&dir).unwrap();
+        if is_root() {
+            assert!(
+                Command::new("chown")
+                    .arg("postgres")
+                    .arg(&dir)
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+        }
+        let data = dir.join("data");
+        run(
+            &bin,
+            "initdb",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        );
+        let pg = Self {
+            bin,
+            dir,
+            port: crate::nats::free_port(),
+        };
+        pg.resume();
+        pg
+    }
+
+    /// `postgres://postgres@127.0.0.1:<port>/postgres`.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn data(&self) -> String {
+        self.dir.join("data").to_string_lossy().into_owned()
+    }
+
+    /// Starts the server (again) and waits until it accepts connections.
+    pub fn resume(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("postgres.log");
+        run(
+            &self.bin,
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data(),
+                "-o",
+                &options,
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "start",
+            ],
+        );
+    }
+
+    /// Stops the server the way a crash or an operator's fast restart does: connections are cut.
+    pub fn stop(&self) {
+        run(
+            &self.bin,
+            "pg_ctl",
+            &["-D", &self.data(), "-m", "fast", "-w", "stop"],
+        );
+    }
+}
+
+impl Drop for TestPostgres {
+    fn drop(&mut self) {
+        let program = self.bin.join("pg_ctl");
+        let args = ["-D", &self.data(), "-m", "immediate", "-w", "stop"];
+        let _ = if is_root() {
+            Command::new("runuser")
+                .arg("-u")
+                .arg("postgres")
+                .arg("--")
+                .arg(&program)
+                .args(args)
+                .output()
+        } else {
+            Command::new(&program).args(args).output()
+        };
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
