@@ -80,12 +80,21 @@ EXPRESSION = {
 }
 
 
+def is_list(value):
+    return isinstance(value, dict) and value.get("object") == "list"
+
+
 def columns_of(samples):
+    """Typed columns of an object type. Embedded lists (`{"object": "list"}`) get none: they are child tables, and a
+    jsonb copy would double the bytes written for the biggest objects (migrations/0004)."""
     fields = {}
+    lists = set()
     for sample in samples:
         for field, value in sample.items():
             fields.setdefault(field, []).append(json_kind(value))
-    return {f: column_type(k) for f, k in sorted(fields.items()) if f not in FIXED}
+            if is_list(value):
+                lists.add(field)
+    return {f: column_type(k) for f, k in sorted(fields.items()) if f not in FIXED and f not in lists}
 
 
 def quote_ident(name):
@@ -147,6 +156,7 @@ def main():
         parts.append(create_table(entry, samples))
     if len(parts) == 1:
         sys.exit("nothing to generate: every registry table already exists in a migration")
+    parts.append("-- lz4 compression on the new columns where the server supports it (migrations/0004).\nselect stripe.use_lz4();\n")
     with open(os.path.join(ROOT, "migrations", name), "w") as out:
         out.write("\n".join(parts))
     print(f"wrote migrations/{name} ({len(parts) - 1} tables)")
