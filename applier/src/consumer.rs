@@ -12,6 +12,10 @@ use tokio::sync::{mpsc, watch};
 
 use crate::settings::ApplierSettings;
 
+/// Messages one pull requests (and the worker's queue holds): enough to fill batches, little enough that 16
+/// partitions waiting for a database slot hold a few MB, not the backlog.
+pub const PULL_BATCH: usize = 128;
+
 /// The priority group every applier pulls in.
 pub const GROUP: &str = "appliers";
 
@@ -110,7 +114,7 @@ pub async fn pump(
         };
         let messages = consumer
             .stream()
-            .max_messages_per_batch(settings.batch_size.max(1))
+            .max_messages_per_batch(PULL_BATCH.min(settings.batch_size.max(1)))
             .expires(expires)
             .heartbeat(heartbeat)
             .group(GROUP)

@@ -182,7 +182,8 @@ pub async fn redrive(
     applier: &crate::apply::Applier,
     letter: &StoredLetter,
 ) -> anyhow::Result<Redriven> {
-    let event = match crate::event::Incoming::parse(letter.stream_seq, &letter.payload) {
+    let event = match crate::event::Incoming::from_bytes(letter.stream_seq, letter.payload.clone())
+    {
         Ok(event) => event,
         Err(err) => return Ok(Redriven::Failed(err.to_string())),
     };

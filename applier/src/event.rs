@@ -1,5 +1,5 @@
 //! An event as the applier works with it: read once from the message (head fields, the span of `data.object` in the
-//! body), owning its text so a batch can be retried without going back to NATS.
+//! body), sharing the message's bytes (no copy) so a batch can be retried without going back to NATS.
 
 use std::ops::Range;
 
@@ -13,8 +13,8 @@ use crate::error::ApplyError;
 pub struct Incoming {
     /// Sequence in the events stream: the order of application, and the tie-break for same-second events.
     pub seq: u64,
-    /// The event as JSON text (Stripe's bytes; see [`Incoming::parse`] for the one substitution).
-    pub json: String,
+    /// The event as received (Stripe's bytes; see [`Incoming::from_bytes`] for the one substitution), valid UTF-8.
+    body: bytes::Bytes,
     /// Event id.
     pub id: String,
     /// Event type.
@@ -31,7 +31,7 @@ pub struct Incoming {
     pub object_type: Option<String>,
     /// `data.object.id`.
     pub object_id: Option<String>,
-    /// Where `data.object` is in `json`.
+    /// Where `data.object` is in `body`.
     object_span: Option<Range<usize>>,
 }
 
@@ -42,9 +42,19 @@ impl Incoming {
     /// Postgres's `jsonb` cannot hold the character U+0000; a `\u0000` escape in the body becomes `\ufffd` (the
     /// replacement character) so the event is applied rather than dead-lettered. The stream keeps the original.
     pub fn parse(seq: u64, body: &[u8]) -> Result<Self, ApplyError> {
-        let text = std::str::from_utf8(body)
+        Self::from_bytes(seq, bytes::Bytes::copy_from_slice(body))
+    }
+
+    /// [`Incoming::parse`] on a message's bytes, sharing them.
+    pub fn from_bytes(seq: u64, body: bytes::Bytes) -> Result<Self, ApplyError> {
+        let text = std::str::from_utf8(&body)
             .map_err(|_| ApplyError::Unreadable("body is not UTF-8".into()))?;
-        let json = replace_nul_escapes(text);
+        let body = match replace_nul_escapes(text) {
+            Some(replaced) => bytes::Bytes::from(replaced),
+            None => body,
+        };
+        let json = std::str::from_utf8(&body)
+            .map_err(|_| ApplyError::Unreadable("body is not UTF-8".into()))?;
         let head: EventHead<&RawValue> = event_head::parse_object(json.as_bytes())
             .map_err(|e| ApplyError::Unreadable(e.to_string()))?;
         let id = head
@@ -83,13 +93,21 @@ impl Incoming {
             object_type,
             object_id,
             object_span,
-            json,
+            body,
         })
+    }
+
+    /// The event as JSON text.
+    pub fn json(&self) -> &str {
+        // Checked when parsed; the bytes are immutable.
+        std::str::from_utf8(&self.body).unwrap_or_default()
     }
 
     /// `data.object` as JSON text, when it is an object.
     pub fn object_json(&self) -> Option<&str> {
-        self.object_span.clone().map(|span| &self.json[span])
+        self.object_span
+            .clone()
+            .and_then(|span| self.json().get(span))
     }
 
     /// True for `*.deleted` events.
@@ -98,10 +116,10 @@ impl Incoming {
     }
 }
 
-/// Replaces JSON `\u0000` escapes (not preceded by an escaping backslash) with `\ufffd`.
-fn replace_nul_escapes(text: &str) -> String {
+/// Replaces JSON `\u0000` escapes (not preceded by an escaping backslash) with `\ufffd`; `None` when there is none.
+fn replace_nul_escapes(text: &str) -> Option<String> {
     if !text.contains("\\u0000") {
-        return text.to_owned();
+        return None;
     }
     let bytes = text.as_bytes();
     let mut out = String::with_capacity(text.len());
@@ -127,7 +145,7 @@ fn replace_nul_escapes(text: &str) -> String {
             i += c.len_utf8();
         }
     }
-    out
+    Some(out)
 }
 
 #[cfg(test)]
@@ -171,8 +189,8 @@ mod tests {
     fn nul_escapes_are_replaced_but_escaped_backslashes_are_not() {
         let body = r#"{"id":"e","type":"t","created":1,"data":{"object":{"id":"o","note":"a\u0000b","path":"c:\\u0000"}}}"#;
         let e = Incoming::parse(1, body.as_bytes()).unwrap();
-        assert!(e.json.contains(r#""a\ufffdb""#), "{}", e.json);
-        assert!(e.json.contains(r#""c:\\u0000""#), "{}", e.json);
+        assert!(e.json().contains(r#""a\ufffdb""#), "{}", e.json());
+        assert!(e.json().contains(r#""c:\\u0000""#), "{}", e.json());
         let parsed: serde_json::Value = serde_json::from_str(e.object_json().unwrap()).unwrap();
         assert_eq!(parsed["note"], "a\u{fffd}b");
     }

@@ -125,7 +125,7 @@ pub async fn replay(
         }
         summary.read += 1;
         summary.sequences = Some((summary.sequences.map_or(seq, |(first, _)| first), seq));
-        match Incoming::parse(seq, &message.payload) {
+        match Incoming::from_bytes(seq, message.payload.clone()) {
             Ok(event) => batch.push(event),
             Err(err) => summary.failed.push((seq, "?".into(), err.to_string())),
         }

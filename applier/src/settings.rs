@@ -73,7 +73,7 @@ impl Default for DatabaseSettings {
     fn default() -> Self {
         Self {
             url: SecretString::from("postgres://postgres@127.0.0.1:5432/postgres"),
-            max_connections: 8,
+            max_connections: 4,
             acquire_timeout: Duration::from_secs(5),
             run_migrations: true,
         }

@@ -98,6 +98,7 @@ struct Context {
     topology: Topology,
     applier: Arc<Applier>,
     dead_letter: DeadLetter,
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// A partition this applier works: its pump, its worker, and the pin the server gave it.
@@ -111,7 +112,7 @@ struct Partition {
 impl Context {
     fn start(&self, partition: u32) -> Partition {
         let (stop, stop_rx) = watch::channel(false);
-        let (tx, rx) = mpsc::channel(self.settings.applier.batch_size.max(1));
+        let (tx, rx) = mpsc::channel(consumer::PULL_BATCH);
         let (pin_tx, pin) = watch::channel(None);
         let pump = tokio::spawn(consumer::pump(
             self.stream.clone(),
@@ -124,6 +125,7 @@ impl Context {
         ));
         let worker = Worker {
             partition,
+            slots: self.slots.clone(),
             applier: self.applier.clone(),
             dead_letter: self.dead_letter.clone(),
             settings: self.settings.applier.clone(),
@@ -177,6 +179,9 @@ pub async fn run_until(
             settings.applier.account_id.clone(),
         )),
         dead_letter: DeadLetter::new(js.clone(), topology.clone()),
+        slots: Arc::new(tokio::sync::Semaphore::new(
+            settings.database.max_connections.max(1) as usize,
+        )),
         settings,
         stream,
         topology,

@@ -21,6 +21,12 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 const GUARD: &str = "(excluded._last_event_created, excluded.deleted, excluded._last_event_seq) \
     >= (t._last_event_created, t.deleted, t._last_event_seq)";
 
+/// One event's object by primary key, for a LATERAL join. `limit 1` keeps the planner from turning the lookup into a
+/// hash join over the whole table when it guesses the batch is large (a sequential scan per batch, growing with the
+/// table).
+const LOOKUP_EVENT: &str = "select e._raw_data -> 'data' -> 'object' as object from stripe.events e \
+    where e._account_id = u.a and e.id = u.e limit 1";
+
 const SET_STATE: &str = "_raw_data = excluded._raw_data, livemode = excluded.livemode, deleted = excluded.deleted, \
     _last_event_id = excluded._last_event_id, _last_event_created = excluded._last_event_created, \
     _last_event_seq = excluded._last_event_seq, _updated_at = now()";
@@ -64,12 +70,15 @@ fn upsert_sql(spec: &ObjectSpec) -> String {
         }
         Key::Event => "do nothing".to_owned(),
     };
+    // The object is read from the event just recorded in stripe.events (same transaction): Postgres parses each
+    // event's JSON once, not once for the event and again for its object.
     format!(
         "insert into stripe.\"{table}\" as t \
            (_account_id, id, _raw_data, livemode, deleted, _last_event_id, _last_event_created, _last_event_seq) \
-         select u.a, u.i, u.r::jsonb, u.l, u.d, u.e, u.c, u.s \
-         from unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::bool[], $6::text[], $7::int8[], $8::int8[]) \
-           as u(a, i, r, l, d, e, c, s) \
+         select u.a, u.i, ev.object, u.l, u.d, u.e, u.c, u.s \
+         from unnest($1::text[], $2::text[], $3::bool[], $4::bool[], $5::text[], $6::int8[], $7::int8[]) \
+           as u(a, i, l, d, e, c, s) \
+         cross join lateral ({LOOKUP_EVENT}) ev \
          on conflict (_account_id, id) {conflict} \
          returning _account_id, id",
         table = spec.table
@@ -107,10 +116,11 @@ fn children_sql(parent: &ObjectSpec, child: &ChildList) -> String {
     };
     format!(
         "with parents as ( \
-           select p._account_id as acc, p.id as pid, p._raw_data -> '{field}' as list, p.livemode, p.deleted, \
-             p._last_event_id as ev, p._last_event_created as c, p._last_event_seq as s \
-           from stripe.\"{parent_table}\" p \
-           join unnest($1::text[], $2::text[]) as k(a, i) on p._account_id = k.a and p.id = k.i), \
+           select p.* from unnest($1::text[], $2::text[]) as k(a, i) \
+           cross join lateral ( \
+             select p._account_id as acc, p.id as pid, p._raw_data -> '{field}' as list, p.livemode, p.deleted, \
+               p._last_event_id as ev, p._last_event_created as c, p._last_event_seq as s \
+             from stripe.\"{parent_table}\" p where p._account_id = k.a and p.id = k.i limit 1) p), \
          items as ( \
            select distinct on (p.acc, item ->> 'id') p.*, item \
            from parents p cross join lateral jsonb_array_elements( \
@@ -168,7 +178,7 @@ pub async fn insert_events(
         object_types.push(e.object_type.as_deref());
         object_ids.push(e.object_id.as_deref());
         seqs.push(e.seq as i64);
-        bodies.push(e.json.as_str());
+        bodies.push(e.json());
     }
     let rows = sqlx::query(
         "insert into stripe.events \
@@ -208,7 +218,6 @@ pub async fn upsert_rows(
     let applied = sqlx::query(AssertSqlSafe(sql.as_str()))
         .bind(rows.iter().map(|r| r.account).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.id.as_ref()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.object_json).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.livemode).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.deleted).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.event_id).collect::<Vec<_>>())

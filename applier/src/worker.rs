@@ -26,6 +26,9 @@ use crate::settings::ApplierSettings;
 pub struct Worker {
     /// The partition.
     pub partition: u32,
+    /// Batches applied at once by all the partitions of this process (one per database connection): bounds memory
+    /// whatever the backlog, and keeps Postgres from juggling more transactions than it has connections for.
+    pub slots: Arc<tokio::sync::Semaphore>,
     /// Applies batches.
     pub applier: Arc<Applier>,
     /// Where events go after the last attempt.
@@ -73,7 +76,8 @@ impl Received {
     }
 
     fn parse(&self) -> Result<Incoming, String> {
-        let event = Incoming::parse(self.seq, &self.message.payload).map_err(|e| e.to_string())?;
+        let event = Incoming::from_bytes(self.seq, self.message.payload.clone())
+            .map_err(|e| e.to_string())?;
         self.span.record("event_id", event.id.as_str());
         self.span.record("event_type", event.event_type.as_str());
         Ok(event)
@@ -120,15 +124,24 @@ impl Worker {
                 },
                 () = sleep_until(due) => None,
             };
-            if let Some(first) = first {
-                let batch = self.gather(first, &mut rx).await;
-                if !self.process(batch, &mut parked, &mut stop).await {
-                    break;
-                }
+            // A batch waits for one of the process's database slots; meanwhile the next messages wait in the small
+            // queue and in NATS, so memory does not grow with the backlog.
+            let batch = match first {
+                Some(first) => Some(self.gather(first, &mut rx).await),
+                None => None,
+            };
+            let Ok(slot) = self.slots.clone().acquire_owned().await else {
+                break;
+            };
+            if let Some(batch) = batch
+                && !self.process(batch, &mut parked, &mut stop).await
+            {
+                break;
             }
             if !self.retry_parked(&mut parked, &mut stop).await {
                 break;
             }
+            drop(slot);
             if !parked.is_empty() && last_progress.elapsed() >= self.progress_interval() {
                 for p in &parked {
                     p.received.ack(AckKind::Progress).await;
