@@ -152,14 +152,17 @@ pub async fn ensure_events_stream(
             tracing::info!(stream = %settings.name, partitions = settings.partitions, "creating the events stream");
             match js.create_stream(wanted.clone()).await {
                 Ok(_) => wanted,
-                // Another process created it between our lookup and our create: take theirs.
-                Err(_) => js
-                    .get_stream(&settings.name)
-                    .await
-                    .context("reading the events stream after a concurrent create")?
-                    .cached_info()
-                    .config
-                    .clone(),
+                // Another process may have created it between our lookup and our create: take theirs. Otherwise
+                // the create's own error (e.g. subjects overlapping another stream's) is the one to report.
+                Err(create_err) => match js.get_stream(&settings.name).await {
+                    Ok(stream) => stream.cached_info().config.clone(),
+                    Err(_) => {
+                        return Err(SetupError::Incompatible(format!(
+                            "cannot create stream {} on subjects {:?}: {create_err}",
+                            settings.name, wanted.subjects
+                        )));
+                    }
+                },
             }
         }
         Err(err) => {
