@@ -82,6 +82,35 @@ async fn nats_restarted_mid_ingest_every_acknowledged_event_reaches_the_database
     let http = reqwest::Client::new();
     let mut accepted = Vec::new();
     let mut refused = 0;
+    let send = |i: usize| {
+        let http = http.clone();
+        let ingest = ingest.clone();
+        async move {
+            let event = customer_event(
+                &format!("evt_nr_{i}"),
+                "customer.created",
+                now(),
+                &format!("cus_nr_{i}"),
+                "n@example.com",
+            );
+            let body = serde_json::to_vec(&event).unwrap();
+            let response = http
+                .post(format!("{ingest}/webhooks"))
+                .header(
+                    "stripe-signature",
+                    stripe::sign(stripe::SECRET, now(), &body),
+                )
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            match response.status().as_u16() {
+                200 => true,
+                503 => false,
+                other => panic!("unexpected status {other}"),
+            }
+        }
+    };
     for i in 0..400 {
         if i == 150 {
             env.nats.stop();
@@ -89,38 +118,25 @@ async fn nats_restarted_mid_ingest_every_acknowledged_event_reaches_the_database
         if i == 200 {
             env.nats.resume();
         }
-        let event = customer_event(
-            &format!("evt_nr_{i}"),
-            "customer.created",
-            now(),
-            &format!("cus_nr_{i}"),
-            "n@example.com",
-        );
-        let body = serde_json::to_vec(&event).unwrap();
-        let response = http
-            .post(format!("{ingest}/webhooks"))
-            .header(
-                "stripe-signature",
-                stripe::sign(stripe::SECRET, now(), &body),
-            )
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        match response.status().as_u16() {
-            200 => accepted.push(format!("evt_nr_{i}")),
-            503 => refused += 1,
-            other => panic!("unexpected status {other}"),
+        if i < 200 {
+            if send(i).await {
+                accepted.push(format!("evt_nr_{i}"));
+            } else {
+                refused += 1;
+            }
+        } else {
+            // After the outage, retry each refused webhook as Stripe would: the same ingest process must start
+            // accepting again by itself.
+            eventually(PATIENCE, "ingest accepts webhooks again", || async {
+                send(i).await.then_some(())
+            })
+            .await;
+            accepted.push(format!("evt_nr_{i}"));
         }
     }
     assert!(
         refused > 0,
         "the outage was real: some webhooks were refused with 503"
-    );
-    assert!(
-        accepted.len() > 300,
-        "ingest recovered: {} accepted",
-        accepted.len()
     );
     let ids = accepted
         .iter()
