@@ -33,13 +33,45 @@ const MIX: &[(&str, &str, &str, u32)] = &[
 
 /// `n` event bodies: `update_share` of them (0.3 = 30 %) update an object created earlier.
 pub fn generate(n: usize, update_share: f64, seed: u64) -> Vec<Vec<u8>> {
-    let mut rng = fastrand::Rng::with_seed(seed);
-    let total: u32 = MIX.iter().map(|m| m.3).sum();
-    let templates: Vec<Value> = MIX.iter().map(|m| stripe::fixture(m.2)).collect();
-    let mut created: Vec<(usize, String)> = Vec::new();
-    let start = 1_750_000_000i64;
-    (0..n)
-        .map(|i| {
+    let mut generator = Generator::new(update_share, seed);
+    (0..n).map(|_| generator.next_body()).collect()
+}
+
+/// Generates events one at a time (for backlogs too big to hold in memory).
+pub struct Generator {
+    rng: fastrand::Rng,
+    update_share: f64,
+    total: u32,
+    templates: Vec<Value>,
+    created: Vec<(usize, String)>,
+    i: usize,
+}
+
+impl Generator {
+    pub fn new(update_share: f64, seed: u64) -> Self {
+        Self {
+            rng: fastrand::Rng::with_seed(seed),
+            update_share,
+            total: MIX.iter().map(|m| m.3).sum(),
+            templates: MIX.iter().map(|m| stripe::fixture(m.2)).collect(),
+            created: Vec::new(),
+            i: 0,
+        }
+    }
+
+    /// The next event's body.
+    pub fn next_body(&mut self) -> Vec<u8> {
+        let (rng, update_share, total, templates, created) = (
+            &mut self.rng,
+            self.update_share,
+            self.total,
+            &self.templates,
+            &mut self.created,
+        );
+        let start = 1_750_000_000i64;
+        let i = self.i;
+        self.i += 1;
+        {
             let update = !created.is_empty() && rng.f64() < update_share;
             let (kind, id) = if update {
                 created[rng.usize(..created.len())].clone()
@@ -71,6 +103,6 @@ pub fn generate(n: usize, update_share: f64, seed: u64) -> Vec<Vec<u8>> {
                 object,
             );
             serde_json::to_vec(&event).unwrap_or_default()
-        })
-        .collect()
+        }
+    }
 }

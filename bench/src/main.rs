@@ -1,9 +1,23 @@
-//! `cargo run --release -p stripe-sync-bench -- <what>`: benchmarks that start their own NATS and database.
+//! `cargo run --release -p stripe-sync-bench -- all`: benchmarks that start their own NATS and database, run the
+//! release binaries as processes, and measure each result against the machine's ceiling in the same run.
 
+mod applier;
+mod ceiling;
 mod columns;
+mod e2e;
 mod events;
+mod harness;
+mod ingest;
+mod loadgen;
+mod report;
+
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use stripe_sync_testkit::nats::TestNats;
+use stripe_sync_testkit::unique_name;
+
+use crate::report::Results;
 
 /// stripe-sync benchmarks.
 #[derive(Parser)]
@@ -14,34 +28,183 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Everything below, then the summary (stdout), bench/out/results.json and docs/benchmarks.png.
+    All {
+        /// Events in the pre-filled stream the appliers drain.
+        #[arg(long, default_value_t = 200_000)]
+        events: usize,
+        /// Events in the backlog of the memory check.
+        #[arg(long, default_value_t = 1_000_000)]
+        backlog: usize,
+    },
+    /// Ingest at 64 connections with durable acks, and a no-op axum handler under the same load.
+    Ingest {
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Appliers draining a pre-filled stream (1, 2, 4 processes), and Postgres's own batched upsert of the same rows.
+    Applier {
+        #[arg(long, default_value_t = 200_000)]
+        events: usize,
+        /// Numbers of appliers to run, comma-separated.
+        #[arg(long, default_value = "1,2,4", value_delimiter = ',')]
+        appliers: Vec<usize>,
+        /// Skip the Postgres ceiling.
+        #[arg(long)]
+        no_ceiling: bool,
+    },
+    /// From the webhook's 200 to the row committed, at a steady rate.
+    E2e {
+        #[arg(long, default_value_t = 1_000)]
+        rate: u32,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
+    /// Memory with a large backlog: one applier drains it; ingest takes load while it sits in the stream.
+    Backlog {
+        #[arg(long, default_value_t = 1_000_000)]
+        events: usize,
+    },
     /// Typed columns: generated from `_raw_data` by Postgres vs written by the applier, on the batch path.
     Columns {
-        /// Events to apply.
         #[arg(long, default_value_t = 50_000)]
         events: usize,
-        /// Events per transaction.
         #[arg(long, default_value_t = 500)]
         batch: usize,
-        /// Runs of each way (the best is kept).
         #[arg(long, default_value_t = 2)]
         rounds: usize,
     },
+    /// (internal) The no-op HTTP server of the ingest ceiling.
+    #[command(hide = true)]
+    NoopServer {
+        #[arg(long)]
+        port: u16,
+    },
+}
+
+async fn drains(
+    bins: &harness::Binaries,
+    nats: &TestNats,
+    events: usize,
+    appliers: &[usize],
+) -> anyhow::Result<Vec<applier::Drain>> {
+    let stream = unique_name("BENCH_DRAIN");
+    eprintln!("pre-filling {stream} with {events} events");
+    applier::prefill(nats, &stream, events, 1).await?;
+    let mut out = Vec::new();
+    for &n in appliers {
+        eprintln!("draining with {n} applier(s)");
+        let drain = applier::drain(bins, nats, &stream, events as u64, n).await?;
+        eprintln!(
+            "  {:.0} events/s, peak RSS {:.1} MiB",
+            drain.rate, drain.peak_rss_mib
+        );
+        out.push(drain);
+    }
+    Ok(out)
+}
+
+async fn backlog(
+    bins: &harness::Binaries,
+    nats: &TestNats,
+    events: usize,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    let stream = unique_name("BENCH_BACKLOG");
+    eprintln!("pre-filling {stream} with {events} events");
+    applier::prefill(nats, &stream, events, 2).await?;
+    eprintln!("ingest under load with the backlog in place");
+    let ingest = ingest::run(bins, nats, 64, Duration::from_secs(5)).await?;
+    results.backlog_ingest_peak_rss_mib = Some(ingest.ingest.peak_rss_mib);
+    eprintln!("draining the backlog with one applier");
+    results.backlog = Some(applier::drain(bins, nats, &stream, events as u64, 1).await?);
+    Ok(())
+}
+
+fn finish(results: &Results, chart: bool) -> anyhow::Result<()> {
+    println!("{}", results.markdown());
+    std::fs::write(
+        harness::out_dir().join("results.json"),
+        serde_json::to_string_pretty(results)?,
+    )?;
+    if chart {
+        let path = harness::repo().join("docs/benchmarks.png");
+        results.chart(&path)?;
+        eprintln!("chart: {}", path.display());
+    }
+    Ok(())
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Command::Columns {
+    let cli = Cli::parse();
+    if let Command::NoopServer { port } = cli.command {
+        return ingest::noop_server(port).await;
+    }
+    if let Command::Columns {
+        events,
+        batch,
+        rounds,
+    } = cli.command
+    {
+        let report = columns::run(events, batch, rounds).await?;
+        println!(
+            "typed columns, {} events, batches of {batch}: generated columns {:.0} events/s; applier-written {:.0} events/s",
+            report.events, report.generated_per_sec, report.applier_written_per_sec
+        );
+        return Ok(());
+    }
+    let bins = harness::build_binaries()?;
+    let nats = TestNats::start();
+    let mut results = Results {
+        machine: report::machine(),
+        ..Results::default()
+    };
+    match cli.command {
+        Command::All {
             events,
-            batch,
-            rounds,
+            backlog: backlog_events,
         } => {
-            let report = columns::run(events, batch, rounds).await?;
-            println!(
-                "typed columns, {} events, batches of {batch}: generated columns {:.0} events/s; applier-written {:.0} events/s",
-                report.events, report.generated_per_sec, report.applier_written_per_sec
-            );
+            eprintln!("ingest vs no-op ceiling");
+            results.ingest = Some(ingest::run(&bins, &nats, 64, Duration::from_secs(10)).await?);
+            results.drains = drains(&bins, &nats, events, &[1, 2, 4]).await?;
+            eprintln!("Postgres ceiling");
+            results.ceiling = Some(ceiling::run(events, 500).await?);
+            eprintln!("end to end at 1,000/s");
+            results.e2e = Some(e2e::run(&bins, &nats, 1_000, 20).await?);
+            backlog(&bins, &nats, backlog_events, &mut results).await?;
+            finish(&results, true)?;
         }
+        Command::Ingest {
+            connections,
+            seconds,
+        } => {
+            results.ingest =
+                Some(ingest::run(&bins, &nats, connections, Duration::from_secs(seconds)).await?);
+            finish(&results, false)?;
+        }
+        Command::Applier {
+            events,
+            appliers,
+            no_ceiling,
+        } => {
+            results.drains = drains(&bins, &nats, events, &appliers).await?;
+            if !no_ceiling {
+                results.ceiling = Some(ceiling::run(events, 500).await?);
+            }
+            finish(&results, false)?;
+        }
+        Command::E2e { rate, seconds } => {
+            results.e2e = Some(e2e::run(&bins, &nats, rate, seconds).await?);
+            finish(&results, false)?;
+        }
+        Command::Backlog { events } => {
+            backlog(&bins, &nats, events, &mut results).await?;
+            finish(&results, false)?;
+        }
+        Command::Columns { .. } | Command::NoopServer { .. } => {}
     }
     Ok(())
 }

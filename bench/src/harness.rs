@@ -1,0 +1,172 @@
+//! The benchmark's world: release builds of both binaries run as their own processes (so their memory is theirs),
+//! against a private NATS and a fresh database, with their peak RSS read from /proc.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use stripe_sync_testkit::eventually;
+
+/// Paths of the release binaries.
+pub struct Binaries {
+    pub ingest: PathBuf,
+    pub applier: PathBuf,
+    pub bench: PathBuf,
+}
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Where logs and raw results go.
+pub fn out_dir() -> PathBuf {
+    let dir = repo().join("bench/out");
+    let _ = std::fs::create_dir_all(dir.join("logs"));
+    dir
+}
+
+/// Builds the release binaries of ingest and applier (cargo does nothing when they are up to date).
+pub fn build_binaries() -> anyhow::Result<Binaries> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(repo())
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "stripe-sync-ingest",
+            "-p",
+            "stripe-sync-applier",
+        ])
+        .status()
+        .context("running cargo build")?;
+    anyhow::ensure!(status.success(), "building the release binaries failed");
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo().join("target"));
+    Ok(Binaries {
+        ingest: target.join("release/stripe-sync-ingest"),
+        applier: target.join("release/stripe-sync-applier"),
+        bench: std::env::current_exe()?,
+    })
+}
+
+/// A child process, killed on drop.
+pub struct Proc {
+    child: Option<Child>,
+}
+
+impl Proc {
+    /// Starts `bin` with `args` and `env`, logging to bench/out/logs/<name>.log.
+    pub fn spawn(
+        bin: &Path,
+        args: &[&str],
+        env: &HashMap<String, String>,
+        name: &str,
+    ) -> anyhow::Result<Self> {
+        let log = std::fs::File::create(out_dir().join(format!("logs/{name}.log")))?;
+        // BENCH_EXTRA_ENV="K=V,K2=V2" adds settings to every process, to measure their effect.
+        let extra: Vec<(String, String)> = std::env::var("BENCH_EXTRA_ENV")
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            })
+            .collect();
+        let child = Command::new(bin)
+            .args(args)
+            .envs(env)
+            .envs(extra)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        Ok(Self { child: Some(child) })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    fn status_field(&self, field: &str) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        let line = status.lines().find(|l| l.starts_with(field))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// Peak resident memory so far, in MiB (VmHWM).
+    pub fn peak_rss_mib(&self) -> f64 {
+        self.status_field("VmHWM:").unwrap_or(0) as f64 / 1024.0
+    }
+
+    /// Resident memory now, in MiB.
+    pub fn rss_mib(&self) -> f64 {
+        self.status_field("VmRSS:").unwrap_or(0) as f64 / 1024.0
+    }
+
+    /// Waits for a process that exits by itself.
+    pub async fn wait(mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        tokio::task::spawn_blocking(move || child.wait().ok()?.code())
+            .await
+            .ok()?
+    }
+
+    /// SIGTERM and wait (bounded) for the exit.
+    pub async fn stop(mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return status.code();
+                }
+                if std::time::Instant::now() > deadline {
+                    let _ = child.kill();
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .await
+        .ok()?
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Waits until `http://127.0.0.1:<port><path>` answers 200.
+pub async fn wait_http_ok(port: u16, path: &str) {
+    eventually(
+        Duration::from_secs(60),
+        &format!("port {port} {path} answers 200"),
+        || async { (get_status(port, path).await.ok()? == 200).then_some(()) },
+    )
+    .await;
+}
+
+async fn get_status(port: u16, path: &str) -> anyhow::Result<u16> {
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let request = hyper::Request::get(path)
+        .header("host", "127.0.0.1")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    Ok(sender.send_request(request).await?.status().as_u16())
+}
