@@ -4,8 +4,9 @@
 Usage: scripts/gen_schema.py NNNN_name   -> writes migrations/NNNN_name.sql with a `create table` for every
 registry table that no earlier migration creates (migrations are never edited once applied).
 
-Typed columns are generated columns read from `_raw_data` through the stripe.j_* functions (migrations/0001),
-so they never fail an insert. A column's type comes from every example of the object type found anywhere in
+Typed columns are plain columns that the applier fills from the object's JSON in its upsert, by column type,
+through the stripe.j_* functions (migrations/0001), so they never fail an insert (migrations/0005 explains why
+they are not generated columns). A column's type comes from every example of the object type found anywhere in
 testdata/stripe (fixtures3.json and the peer events, nested objects included):
   string -> text, integer -> bigint, float -> numeric, boolean -> boolean, object/array -> jsonb,
   string or object (an expandable field) -> text (the id), only ever null -> text, other mixes -> jsonb.
@@ -71,13 +72,6 @@ def column_type(kinds):
     return "jsonb"
 
 
-EXPRESSION = {
-    "text": "stripe.j_text(_raw_data -> {f})",
-    "bigint": "stripe.j_bigint(_raw_data -> {f})",
-    "numeric": "stripe.j_numeric(_raw_data -> {f})",
-    "boolean": "stripe.j_bool(_raw_data -> {f})",
-    "jsonb": "nullif(_raw_data -> {f}, 'null')",
-}
 
 
 def is_list(value):
@@ -101,10 +95,6 @@ def quote_ident(name):
     return '"' + name.replace('"', '""') + '"'
 
 
-def quote_literal(text):
-    return "'" + text.replace("'", "''") + "'"
-
-
 def create_table(entry, samples):
     table = entry["table"]
     owned = any(e.get("owned") for e in entry.get("embedded_in", []))
@@ -112,8 +102,7 @@ def create_table(entry, samples):
     if owned:
         lines.append("    _parent_id text")
     for field, kind in columns_of(samples).items():
-        expr = EXPRESSION[kind].format(f=quote_literal(field))
-        lines.append(f"    {quote_ident(field)} {kind} generated always as ({expr}) stored")
+        lines.append(f"    {quote_ident(field)} {kind}")
     lines += [
         "    livemode boolean",
         "    deleted boolean not null default false",

@@ -38,7 +38,8 @@ pub struct Report {
 pub struct Applier {
     pool: PgPool,
     registry: &'static Registry,
-    statements: Statements,
+    /// Built on first use: they depend on the migrated tables' columns.
+    statements: tokio::sync::OnceCell<Statements>,
     platform_account: String,
 }
 
@@ -50,7 +51,7 @@ impl Applier {
         platform_account: impl Into<String>,
     ) -> Self {
         Self {
-            statements: Statements::new(registry),
+            statements: tokio::sync::OnceCell::new(),
             pool,
             registry,
             platform_account: platform_account.into(),
@@ -90,6 +91,10 @@ impl Applier {
 
     /// Applies `events` (in stream order) in one transaction. Either all of it commits or nothing does.
     pub async fn apply(&self, events: &[Incoming], mode: Mode) -> Result<Report, ApplyError> {
+        let statements = self
+            .statements
+            .get_or_try_init(|| Statements::load(&self.pool, self.registry))
+            .await?;
         let mut tx = self.pool.begin().await?;
         let all: Vec<&Incoming> = events.iter().collect();
         let inserted = store::insert_events(&mut tx, &all, &self.platform_account).await?;
@@ -121,10 +126,10 @@ impl Applier {
                 .index_of(&table.spec.object_type)
                 .unwrap_or_default();
             for rows in &table.rounds {
-                let written = store::upsert_rows(&mut tx, &self.statements, index, rows).await?;
+                let written = store::upsert_rows(&mut tx, statements, index, rows).await?;
                 report.rows_written += written.len();
                 report.rows_stale += rows.len() - written.len();
-                store::replace_children(&mut tx, &self.statements, index, &written).await?;
+                store::replace_children(&mut tx, statements, index, &written).await?;
             }
         }
         tx.commit().await?;

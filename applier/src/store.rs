@@ -1,7 +1,12 @@
-//! The only SQL of the applier. One statement template per table, built from the registry at start: insert the
-//! batch's events (the dedupe), upsert each table's rows under the ordering guard, and replace embedded lists.
+//! The only SQL of the applier. One statement template per table, built at start from the registry and the tables'
+//! columns as the database has them: insert the batch's events (the dedupe), upsert each table's rows under the
+//! ordering guard, and replace embedded lists.
+//!
+//! Typed columns (`email`, `amount`...) are filled in the same statement from the object's JSON, by column type,
+//! through the `stripe.j_*` functions that never fail (migrations/0001). They are read from the catalog, so a column
+//! added by a migration (or by an operator, for a field Stripe added later) is filled from then on.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row};
 
@@ -36,6 +41,7 @@ const SET_STATE: &str = "_raw_data = excluded._raw_data, livemode = excluded.liv
 pub struct TableStatements {
     upsert: String,
     children: Vec<String>,
+    columns: Vec<TypedColumn>,
 }
 
 /// Every statement, by registry position.
@@ -44,29 +50,101 @@ pub struct Statements {
     tables: Vec<TableStatements>,
 }
 
+/// Columns the applier writes itself, whatever the table: never filled from the object's JSON by name.
+const FIXED_COLUMNS: &[&str] = &["id", "livemode", "deleted"];
+
+/// The typed columns of every table in schema `stripe`: plain (not generated) columns named like a Stripe field
+/// (no leading `_`), of a type the applier knows how to read from JSON, in column order.
+const TYPED_COLUMNS: &str = "select c.relname::text, a.attname::text, format_type(a.atttypid, null) \
+    from pg_attribute a join pg_class c on c.oid = a.attrelid join pg_namespace n on n.oid = c.relnamespace \
+    where n.nspname = 'stripe' and c.relkind in ('r', 'p') and a.attnum > 0 and not a.attisdropped \
+      and a.attgenerated = '' and left(a.attname, 1) <> '_' \
+      and format_type(a.atttypid, null) in ('text', 'bigint', 'numeric', 'boolean', 'jsonb') \
+    order by c.relname, a.attnum";
+
+/// A typed column: its name and the expression reading it from the JSON object `source`.
+#[derive(Debug, Clone)]
+struct TypedColumn {
+    name: String,
+    data_type: String,
+}
+
+impl TypedColumn {
+    fn ident(&self) -> String {
+        format!("\"{}\"", self.name.replace('"', "\"\""))
+    }
+
+    fn read_from(&self, source: &str) -> String {
+        let key = format!("'{}'", self.name.replace('\'', "''"));
+        match self.data_type.as_str() {
+            "text" => format!("stripe.j_text({source} -> {key})"),
+            "bigint" => format!("stripe.j_bigint({source} -> {key})"),
+            "numeric" => format!("stripe.j_numeric({source} -> {key})"),
+            "boolean" => format!("stripe.j_bool({source} -> {key})"),
+            _ => format!("nullif({source} -> {key}, 'null')"),
+        }
+    }
+}
+
+/// `(, "a", "b")`, `(, <a from source>, <b from source>)` and `(, "a" = excluded."a", ...)` for a table's columns.
+fn typed_parts(columns: &[TypedColumn], source: &str) -> (String, String, String) {
+    let mut names = String::new();
+    let mut values = String::new();
+    let mut sets = String::new();
+    for c in columns {
+        names += &format!(", {}", c.ident());
+        values += &format!(", {}", c.read_from(source));
+        sets += &format!(", {0} = excluded.{0}", c.ident());
+    }
+    (names, values, sets)
+}
+
 impl Statements {
-    /// Builds the statements of every table in the registry.
-    pub fn new(registry: &Registry) -> Self {
+    /// Builds the statements of every table in the registry, reading the tables' typed columns from the database.
+    pub async fn load(pool: &PgPool, registry: &Registry) -> Result<Self, sqlx::Error> {
+        let rows: Vec<(String, String, String)> =
+            sqlx::query_as(TYPED_COLUMNS).fetch_all(pool).await?;
+        let mut columns: HashMap<String, Vec<TypedColumn>> = HashMap::new();
+        for (table, name, data_type) in rows {
+            if !FIXED_COLUMNS.contains(&name.as_str()) {
+                columns
+                    .entry(table)
+                    .or_default()
+                    .push(TypedColumn { name, data_type });
+            }
+        }
+        let none = Vec::new();
+        let of = |table: &str| columns.get(table).unwrap_or(&none);
         let tables = registry
             .objects()
             .iter()
             .map(|spec| TableStatements {
-                upsert: upsert_sql(spec),
+                upsert: upsert_sql(spec, of(&spec.table)),
                 children: registry
                     .children_of(&spec.object_type)
                     .iter()
-                    .map(|c| children_sql(spec, c))
+                    .map(|c| children_sql(spec, c, of(&c.child.table)))
                     .collect(),
+                columns: of(&spec.table).clone(),
             })
             .collect();
-        Self { tables }
+        Ok(Self { tables })
     }
 }
 
-fn upsert_sql(spec: &ObjectSpec) -> String {
+impl Statements {
+    /// For other writers of the same rows (the benchmark's ceiling): the typed columns of table `index` as
+    /// `, "a", "b"`, their values read from the JSON object `source` as `, <a>, <b>`, and `, "a" = excluded."a"...`.
+    pub fn typed_columns(&self, index: usize, source: &str) -> (String, String, String) {
+        typed_parts(&self.tables[index].columns, source)
+    }
+}
+
+fn upsert_sql(spec: &ObjectSpec, columns: &[TypedColumn]) -> String {
+    let (names, values, sets) = typed_parts(columns, "ev.object");
     let conflict = match spec.key {
         Key::Object | Key::Account | Key::Field => {
-            format!("do update set {SET_STATE} where {GUARD}")
+            format!("do update set {SET_STATE}{sets} where {GUARD}")
         }
         Key::Event => "do nothing".to_owned(),
     };
@@ -74,8 +152,8 @@ fn upsert_sql(spec: &ObjectSpec) -> String {
     // event's JSON once, not once for the event and again for its object.
     format!(
         "insert into stripe.\"{table}\" as t \
-           (_account_id, id, _raw_data, livemode, deleted, _last_event_id, _last_event_created, _last_event_seq) \
-         select u.a, u.i, ev.object, u.l, u.d, u.e, u.c, u.s \
+           (_account_id, id, _raw_data, livemode, deleted, _last_event_id, _last_event_created, _last_event_seq{names}) \
+         select u.a, u.i, ev.object, u.l, u.d, u.e, u.c, u.s{values} \
          from unnest($1::text[], $2::text[], $3::bool[], $4::bool[], $5::text[], $6::int8[], $7::int8[]) \
            as u(a, i, l, d, e, c, s) \
          cross join lateral ({LOOKUP_EVENT}) ev \
@@ -87,8 +165,9 @@ fn upsert_sql(spec: &ObjectSpec) -> String {
 
 /// Replaces the list `child.field` of the given (just applied) parents: upserts every item under the same guard,
 /// marks owned items missing from a complete list as deleted, and records lists Stripe cut short (`has_more`).
-fn children_sql(parent: &ObjectSpec, child: &ChildList) -> String {
+fn children_sql(parent: &ObjectSpec, child: &ChildList, columns: &[TypedColumn]) -> String {
     let (parent_table, child_table, field) = (&parent.table, &child.child.table, &child.field);
+    let (names, values, sets) = typed_parts(columns, "item");
     let (parent_col, parent_val, parent_set) = if child.owned {
         (
             "_parent_id, ",
@@ -129,9 +208,9 @@ fn children_sql(parent: &ObjectSpec, child: &ChildList) -> String {
            order by p.acc, item ->> 'id'), \
          upserted as ( \
            insert into stripe.\"{child_table}\" as t (_account_id, id, {parent_col}_raw_data, livemode, deleted, \
-             _last_event_id, _last_event_created, _last_event_seq) \
-           select acc, item ->> 'id', {parent_val}item, livemode, deleted, ev, c, s from items \
-           on conflict (_account_id, id) do update set {parent_set}{SET_STATE} where {GUARD} \
+             _last_event_id, _last_event_created, _last_event_seq{names}) \
+           select acc, item ->> 'id', {parent_val}item, livemode, deleted, ev, c, s{values} from items \
+           on conflict (_account_id, id) do update set {parent_set}{SET_STATE}{sets} where {GUARD} \
            returning 1) \
          {removed}, \
          marked as ( \

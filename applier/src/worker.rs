@@ -215,6 +215,7 @@ impl Worker {
         );
         let mut backoff = self.backoff();
         let mut last_progress = Instant::now();
+        let started = Instant::now();
         loop {
             let apply = self
                 .applier
@@ -222,7 +223,7 @@ impl Worker {
                 .instrument(span.clone());
             match self.with_progress(&received, apply).await {
                 Ok(report) => {
-                    tracing::debug!(parent: &span, new = report.new, rows = report.rows_written, stale = report.rows_stale, "batch committed");
+                    tracing::debug!(parent: &span, new = report.new, rows = report.rows_written, stale = report.rows_stale, elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "batch committed");
                     for r in &received {
                         r.ack(AckKind::Ack).await;
                     }

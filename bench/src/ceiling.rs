@@ -1,7 +1,8 @@
 //! The applier's ceiling: Postgres doing the same writes by its own fastest batched path, COPY into a staging table
-//! then `INSERT ... ON CONFLICT` per table, in batches of 500, on the same tables (generated columns, indexes, guard),
+//! then `INSERT ... ON CONFLICT` per table, in batches of 500, on the same tables (typed columns, indexes, guard),
 //! with the same events split over connections by partition as appliers split them. No NATS, no parsing timed.
 
+use std::str::FromStr as _;
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgPoolOptions;
@@ -121,18 +122,24 @@ async fn batch(
     tables.sort_unstable();
     tables.dedup();
     for table in tables {
+        let index = registry
+            .objects()
+            .iter()
+            .position(|o| o.table == table)
+            .unwrap_or_default();
+        let (names, values, sets) = statements.typed_columns(index, "o.object");
         let sql = format!(
             "insert into stripe.\"{table}\" as t (_account_id, id, _raw_data, livemode, deleted, _last_event_id, \
-               _last_event_created, _last_event_seq) \
-             select distinct on (s.acct, s.object_id) s.acct, s.object_id, ev._raw_data -> 'data' -> 'object', \
-               s.livemode, s.deleted, s.id, s.created, s.seq \
-             from staging s cross join lateral (select e._raw_data from stripe.events e \
-               where e._account_id = s.acct and e.id = s.id limit 1) ev \
-             where s.tbl = '{table}' order by s.acct, s.object_id, s.created desc, s.deleted desc, s.seq desc \
+               _last_event_created, _last_event_seq{names}) \
+             select o.acct, o.object_id, o.object, o.livemode, o.deleted, o.id, o.created, o.seq{values} \
+             from (select distinct on (s.acct, s.object_id) s.*, ev._raw_data -> 'data' -> 'object' as object \
+               from staging s cross join lateral (select e._raw_data from stripe.events e \
+                 where e._account_id = s.acct and e.id = s.id limit 1) ev \
+               where s.tbl = '{table}' order by s.acct, s.object_id, s.created desc, s.deleted desc, s.seq desc) o \
              on conflict (_account_id, id) do update set _raw_data = excluded._raw_data, livemode = excluded.livemode, \
                deleted = excluded.deleted, _last_event_id = excluded._last_event_id, \
                _last_event_created = excluded._last_event_created, _last_event_seq = excluded._last_event_seq, \
-               _updated_at = now() \
+               _updated_at = now(){sets} \
              where (excluded._last_event_created, excluded.deleted, excluded._last_event_seq) \
                >= (t._last_event_created, t.deleted, t._last_event_seq) \
              returning _account_id, id"
@@ -141,11 +148,6 @@ async fn batch(
             .fetch_all(&mut *tx)
             .await?;
         // The same embedded lists (subscription items, invoice lines...) as the applier writes.
-        let index = registry
-            .objects()
-            .iter()
-            .position(|o| o.table == table)
-            .unwrap_or_default();
         stripe_sync_applier::store::replace_children(&mut tx, statements, index, &written).await?;
     }
     tx.commit().await?;
@@ -158,9 +160,12 @@ async fn run_once(
     batch_size: usize,
 ) -> anyhow::Result<Duration> {
     let db = TestDb::create().await;
+    // Planned once per connection, like the applier's statements.
+    let options = sqlx::postgres::PgConnectOptions::from_str(db.url())?
+        .options([("plan_cache_mode", "force_generic_plan")]);
     let pool = PgPoolOptions::new()
         .max_connections(connections as u32)
-        .connect(db.url())
+        .connect_with(options)
         .await?;
     stripe_sync_applier::store::migrate(&pool).await?;
     // Experiments: BENCH_AFTER_MIGRATE_SQL runs after the migrations (e.g. to try another storage setting).
@@ -168,7 +173,7 @@ async fn run_once(
         pool.execute(AssertSqlSafe(sql)).await?;
     }
     let registry = Registry::shipped();
-    let statements = &Statements::new(registry);
+    let statements = &Statements::load(&pool, registry).await?;
     let topology = Topology {
         prefix: "stripe".into(),
         partitions: 16,

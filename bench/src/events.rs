@@ -94,6 +94,7 @@ impl Generator {
             };
             let mut object = templates[kind].clone();
             object["id"] = json!(id);
+            unique_list_items(&mut object, &id);
             object["metadata"] = json!({ "bench_seq": i.to_string(), "plan": "pro" });
             let event_type = if update { MIX[kind].1 } else { MIX[kind].0 };
             let event = stripe::event(
@@ -103,6 +104,28 @@ impl Generator {
                 object,
             );
             serde_json::to_vec(&event).unwrap_or_default()
+        }
+    }
+}
+
+/// Gives the items of every embedded list (`lines`, `items`, `refunds`...) ids of their own parent, as Stripe does:
+/// the fixture's item ids would otherwise make every invoice share one line item, and every transaction contend
+/// for that one row.
+fn unique_list_items(object: &mut Value, parent_id: &str) {
+    let Some(fields) = object.as_object_mut() else {
+        return;
+    };
+    for value in fields.values_mut() {
+        if value.get("object").and_then(Value::as_str) != Some("list") {
+            continue;
+        }
+        let Some(items) = value.get_mut("data").and_then(Value::as_array_mut) else {
+            continue;
+        };
+        for item in items {
+            if let Some(id) = item.get("id").and_then(Value::as_str) {
+                item["id"] = json!(format!("{id}_{parent_id}"));
+            }
         }
     }
 }

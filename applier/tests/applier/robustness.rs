@@ -86,6 +86,51 @@ async fn new_fields_bigger_numbers_and_changed_types_never_fail_an_insert() {
 }
 
 #[tokio::test]
+async fn a_column_added_for_a_new_stripe_field_is_filled_and_underscore_columns_are_left_alone() {
+    let env = TestEnv::new().await;
+    stripe_sync_applier::store::migrate(&env.pool)
+        .await
+        .unwrap();
+    // An operator adds a column for a field Stripe started sending, and one of their own.
+    sqlx::raw_sql(
+        "alter table stripe.prices add column recurring_hint text, add column _team text default 'unassigned'",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let applier = env.start_applier().await;
+    let mut price = stripe::object("price", "price_hint");
+    price["recurring_hint"] = json!("monthly");
+    env.publish(&stripe::event(
+        "evt_h1",
+        "price.created",
+        100,
+        price.clone(),
+    ))
+    .await;
+    env.wait_drained().await;
+    sqlx::query("update stripe.prices set _team = 'growth' where id = 'price_hint'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    price["recurring_hint"] = json!({ "id": "hint_yearly", "object": "hint" });
+    env.publish(&stripe::event("evt_h2", "price.updated", 101, price))
+        .await;
+    env.wait_drained().await;
+    let (hint, team): (String, String) =
+        sqlx::query_as("select recurring_hint, _team from stripe.prices where id = 'price_hint'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        hint, "hint_yearly",
+        "the new column follows the object (an expanded object reads as its id)"
+    );
+    assert_eq!(team, "growth", "a column starting with _ is the operator's");
+    applier.stop().await;
+}
+
+#[tokio::test]
 async fn connect_events_are_kept_per_account_and_platform_events_use_the_configured_id() {
     let env = TestEnv::with_env(&[("STRIPE_ACCOUNT_ID", "acct_platform")]).await;
     let applier = env.start_applier().await;

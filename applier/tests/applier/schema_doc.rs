@@ -28,8 +28,8 @@ async fn render() -> String {
     let db = TestDb::create().await;
     let pool = db.pool().await;
     stripe_sync_applier::store::migrate(&pool).await.unwrap();
-    let columns: Vec<(String, String, String, Option<String>)> = sqlx::query_as(
-        "select table_name::text, column_name::text, data_type::text, generation_expression::text \
+    let columns: Vec<(String, String, String)> = sqlx::query_as(
+        "select table_name::text, column_name::text, data_type::text \
          from information_schema.columns where table_schema = 'stripe' order by table_name, ordinal_position",
     )
     .fetch_all(&pool)
@@ -40,12 +40,12 @@ async fn render() -> String {
         "# Schema `stripe`\n\n\
          Every table and column, rendered from the migrations (`UPDATE_SCHEMA_DOC=1 cargo test -p stripe-sync-applier \
          schema_doc` rewrites this file; the test fails when it and the migrations disagree).\n\n\
-         Typed columns are generated from `_raw_data` and never fail an insert: a value of an unexpected type or range \
-         reads as null (see migrations/0001_core.sql). Amounts and unix timestamps are `bigint`: \
+         Typed columns are written by the applier from `_raw_data` in the same statement and never fail an insert: a \
+         value of an unexpected type or range reads as null (see migrations/0001_core.sql). Amounts and unix timestamps are `bigint`: \
          `to_timestamp(created)` gives a timestamptz.\n",
     );
     let mut current = String::new();
-    for (table, column, data_type, generated) in columns {
+    for (table, column, data_type) in columns {
         if table != current {
             let object = registry.objects().iter().find(|o| o.table == table);
             let about = match (object, table.as_str()) {
@@ -67,9 +67,10 @@ async fn render() -> String {
             .unwrap();
             current = table.clone();
         }
-        let content = match generated.filter(|g| !g.is_empty()) {
-            Some(_) => format!("`{column}` of the object"),
-            None => describe_fixed(&column).to_owned(),
+        let is_object_table = registry.objects().iter().any(|o| o.table == table);
+        let content = match describe_fixed(&column) {
+            "" if is_object_table => format!("`{column}` of the object"),
+            fixed => fixed.to_owned(),
         };
         writeln!(out, "| {column} | {data_type} | {content} |").unwrap();
     }
