@@ -3,7 +3,6 @@
 
 mod applier;
 mod ceiling;
-mod columns;
 mod e2e;
 mod events;
 mod harness;
@@ -66,15 +65,6 @@ enum Command {
     Backlog {
         #[arg(long, default_value_t = 1_000_000)]
         events: usize,
-    },
-    /// Typed columns: generated from `_raw_data` by Postgres vs written by the applier, on the batch path.
-    Columns {
-        #[arg(long, default_value_t = 50_000)]
-        events: usize,
-        #[arg(long, default_value_t = 500)]
-        batch: usize,
-        #[arg(long, default_value_t = 2)]
-        rounds: usize,
     },
     /// (internal) The no-op HTTP server of the ingest ceiling.
     #[command(hide = true)]
@@ -143,19 +133,6 @@ async fn main() -> anyhow::Result<()> {
     if let Command::NoopServer { port } = cli.command {
         return ingest::noop_server(port).await;
     }
-    if let Command::Columns {
-        events,
-        batch,
-        rounds,
-    } = cli.command
-    {
-        let report = columns::run(events, batch, rounds).await?;
-        println!(
-            "typed columns, {} events, batches of {batch}: generated columns {:.0} events/s; applier-written {:.0} events/s",
-            report.events, report.generated_per_sec, report.applier_written_per_sec
-        );
-        return Ok(());
-    }
     let bins = harness::build_binaries()?;
     let nats = TestNats::start();
     let mut results = Results {
@@ -204,7 +181,7 @@ async fn main() -> anyhow::Result<()> {
             backlog(&bins, &nats, events, &mut results).await?;
             finish(&results, false)?;
         }
-        Command::Columns { .. } | Command::NoopServer { .. } => {}
+        Command::NoopServer { .. } => {}
     }
     Ok(())
 }
