@@ -127,9 +127,36 @@ fn finish(results: &Results, chart: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A private Postgres cluster when none answers at `DATABASE_URL` (or the local default), so the one command works
+/// on a fresh machine.
+fn ensure_postgres() -> Option<stripe_sync_testkit::postgres::TestPostgres> {
+    use std::net::ToSocketAddrs as _;
+    use std::str::FromStr as _;
+    let url = stripe_sync_testkit::db::admin_url();
+    let options = sqlx::postgres::PgConnectOptions::from_str(&url).ok()?;
+    let reachable = (options.get_host(), options.get_port())
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .is_some_and(|addr| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok()
+        });
+    if reachable {
+        return None;
+    }
+    eprintln!("no Postgres at {url}: starting a private cluster");
+    let pg = stripe_sync_testkit::postgres::TestPostgres::start();
+    stripe_sync_testkit::db::use_server(pg.url());
+    Some(pg)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let _postgres = match cli.command {
+        Command::NoopServer { .. } => None,
+        _ => ensure_postgres(),
+    };
     if let Command::NoopServer { port } = cli.command {
         return ingest::noop_server(port).await;
     }

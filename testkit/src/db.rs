@@ -3,10 +3,21 @@
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Executor, PgPool};
 
-/// Server to create test databases on: `$DATABASE_URL`, else the local trust-auth server.
+static ADMIN_URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Server to create test databases on: the one given to [`use_server`], else `$DATABASE_URL`, else the local
+/// trust-auth server.
 pub fn admin_url() -> String {
+    if let Some(url) = ADMIN_URL.get() {
+        return url.clone();
+    }
     std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// Creates databases on this server from now on (e.g. a private cluster started by the benchmarks).
+pub fn use_server(url: String) {
+    let _ = ADMIN_URL.set(url);
 }
 
 /// A database of its own; dropped (with any connections still open) when this value is dropped.
