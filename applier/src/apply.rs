@@ -1,6 +1,8 @@
 //! Applying a batch of events in one transaction: record them (dedupe), plan the rows of the new ones, upsert each
 //! table once, replace embedded lists, commit. No NATS in here: the consumer and the tests call it alike.
 
+use std::sync::Arc;
+
 use sqlx::PgPool;
 
 use crate::error::ApplyError;
@@ -38,8 +40,8 @@ pub struct Report {
 pub struct Applier {
     pool: PgPool,
     registry: &'static Registry,
-    /// Built on first use: they depend on the migrated tables' columns.
-    statements: tokio::sync::OnceCell<Statements>,
+    /// Built on first use from the migrated tables' columns; rebuilt after a table changed.
+    statements: std::sync::Mutex<Option<Arc<Statements>>>,
     platform_account: String,
 }
 
@@ -51,7 +53,7 @@ impl Applier {
         platform_account: impl Into<String>,
     ) -> Self {
         Self {
-            statements: tokio::sync::OnceCell::new(),
+            statements: std::sync::Mutex::new(None),
             pool,
             registry,
             platform_account: platform_account.into(),
@@ -91,10 +93,37 @@ impl Applier {
 
     /// Applies `events` (in stream order) in one transaction. Either all of it commits or nothing does.
     pub async fn apply(&self, events: &[Incoming], mode: Mode) -> Result<Report, ApplyError> {
-        let statements = self
-            .statements
-            .get_or_try_init(|| Statements::load(&self.pool, self.registry))
-            .await?;
+        let statements = self.statements().await?;
+        match self.apply_with(&statements, events, mode).await {
+            Err(ApplyError::Database(err)) if crate::error::is_schema_change(&err) => {
+                self.set_statements(None);
+                Err(ApplyError::SchemaChanged(err))
+            }
+            other => other,
+        }
+    }
+
+    async fn statements(&self) -> Result<Arc<Statements>, sqlx::Error> {
+        if let Some(statements) = self.statements.lock().ok().and_then(|s| s.clone()) {
+            return Ok(statements);
+        }
+        let statements = Arc::new(Statements::load(&self.pool, self.registry).await?);
+        self.set_statements(Some(statements.clone()));
+        Ok(statements)
+    }
+
+    fn set_statements(&self, statements: Option<Arc<Statements>>) {
+        if let Ok(mut slot) = self.statements.lock() {
+            *slot = statements;
+        }
+    }
+
+    async fn apply_with(
+        &self,
+        statements: &Statements,
+        events: &[Incoming],
+        mode: Mode,
+    ) -> Result<Report, ApplyError> {
         let mut tx = self.pool.begin().await?;
         let all: Vec<&Incoming> = events.iter().collect();
         let inserted = store::insert_events(&mut tx, &all, &self.platform_account).await?;

@@ -10,6 +10,10 @@ pub enum ApplyError {
     /// The event can't be read.
     #[error("unreadable event: {0}")]
     Unreadable(String),
+    /// A table changed under the applier (a column dropped or retyped): the statements are rebuilt from the catalog
+    /// and the batch is retried, like after an outage.
+    #[error("a table changed; rebuilding statements: {0}")]
+    SchemaChanged(sqlx::Error),
 }
 
 impl ApplyError {
@@ -34,9 +38,19 @@ impl ApplyError {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Unreadable(_) => false,
+            Self::SchemaChanged(_) => true,
             Self::Database(err) => is_transient_sqlx(err),
         }
     }
+}
+
+/// Errors a statement built from an older catalog gives after an operator dropped or retyped a typed column.
+pub fn is_schema_change(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if matches!(
+        db.code().as_deref(),
+        Some("42703") // undefined_column
+        | Some("42804") // datatype_mismatch
+    ))
 }
 
 /// The transient database errors of [`ApplyError::is_transient`].

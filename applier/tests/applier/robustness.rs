@@ -131,6 +131,45 @@ async fn a_column_added_for_a_new_stripe_field_is_filled_and_underscore_columns_
 }
 
 #[tokio::test]
+async fn a_typed_column_dropped_while_running_stops_nothing() {
+    let env = TestEnv::new().await;
+    let applier = env.start_applier().await;
+    env.publish(&customer_event(
+        "evt_d1",
+        "customer.created",
+        100,
+        "cus_d",
+        "a@example.com",
+    ))
+    .await;
+    env.wait_drained().await;
+    sqlx::raw_sql("alter table stripe.customers drop column email, drop column phone")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    env.publish(&customer_event(
+        "evt_d2",
+        "customer.updated",
+        101,
+        "cus_d",
+        "b@example.com",
+    ))
+    .await;
+    env.wait_count(
+        "select count(*) from stripe.customers where _last_event_id = 'evt_d2' \
+         and _raw_data ->> 'email' = 'b@example.com'",
+        1,
+    )
+    .await;
+    assert_eq!(
+        env.dead_letters().await,
+        0,
+        "a schema change is not the event's fault"
+    );
+    applier.stop().await;
+}
+
+#[tokio::test]
 async fn connect_events_are_kept_per_account_and_platform_events_use_the_configured_id() {
     let env = TestEnv::with_env(&[("STRIPE_ACCOUNT_ID", "acct_platform")]).await;
     let applier = env.start_applier().await;
