@@ -49,12 +49,18 @@ impl Incoming {
     pub fn from_bytes(seq: u64, body: bytes::Bytes) -> Result<Self, ApplyError> {
         let text = std::str::from_utf8(&body)
             .map_err(|_| ApplyError::Unreadable("body is not UTF-8".into()))?;
-        let body = match replace_nul_escapes(text) {
-            Some(replaced) => bytes::Bytes::from(replaced),
-            None => body,
-        };
-        let json = std::str::from_utf8(&body)
-            .map_err(|_| ApplyError::Unreadable("body is not UTF-8".into()))?;
+        match replace_nul_escapes(text) {
+            None => Self::read(seq, body.clone(), text),
+            Some(replaced) => {
+                let body = bytes::Bytes::from(replaced);
+                let json = std::str::from_utf8(&body).unwrap_or_default();
+                Self::read(seq, body.clone(), json)
+            }
+        }
+    }
+
+    /// Reads the event from `json`, the text of `body` (spans into `json` are kept as offsets into `body`).
+    fn read(seq: u64, body: bytes::Bytes, json: &str) -> Result<Self, ApplyError> {
         let head: EventHead<&RawValue> = event_head::parse_object(json.as_bytes())
             .map_err(|e| ApplyError::Unreadable(e.to_string()))?;
         let id = head

@@ -14,8 +14,6 @@ pub struct ObjectRow<'a> {
     pub account: &'a str,
     /// `id`: the object's id (or the event's, the account's, a field's: see [`crate::registry::Key`]).
     pub id: Cow<'a, str>,
-    /// The object's JSON.
-    pub object_json: &'a str,
     /// `livemode` of the event.
     pub livemode: Option<bool>,
     /// Tombstone?
@@ -86,7 +84,6 @@ pub fn plan<'a>(
             let row = ObjectRow {
                 account,
                 id,
-                object_json,
                 livemode: event.livemode,
                 deleted: event.is_delete() && spec.on_delete == DeletePolicy::Tombstone,
                 event_id: &event.id,

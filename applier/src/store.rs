@@ -22,8 +22,8 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
 }
 
-/// The SQL rule "does the incoming row replace the stored one", mirror of [`crate::plan::supersedes`].
-const GUARD: &str = "(excluded._last_event_created, excluded.deleted, excluded._last_event_seq) \
+/// The SQL rule "does the incoming row replace the stored one" (table alias `t`), mirror of [`crate::plan::supersedes`].
+pub const GUARD: &str = "(excluded._last_event_created, excluded.deleted, excluded._last_event_seq) \
     >= (t._last_event_created, t.deleted, t._last_event_seq)";
 
 /// One event's object by primary key, for a LATERAL join. `limit 1` keeps the planner from turning the lookup into a
@@ -32,7 +32,8 @@ const GUARD: &str = "(excluded._last_event_created, excluded.deleted, excluded._
 const LOOKUP_EVENT: &str = "select e._raw_data -> 'data' -> 'object' as object from stripe.events e \
     where e._account_id = u.a and e.id = u.e limit 1";
 
-const SET_STATE: &str = "_raw_data = excluded._raw_data, livemode = excluded.livemode, deleted = excluded.deleted, \
+/// The `do update set` of a row's state and ordering fields (typed columns are added per table).
+pub const SET_STATE: &str = "_raw_data = excluded._raw_data, livemode = excluded.livemode, deleted = excluded.deleted, \
     _last_event_id = excluded._last_event_id, _last_event_created = excluded._last_event_created, \
     _last_event_seq = excluded._last_event_seq, _updated_at = now()";
 

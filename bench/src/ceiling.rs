@@ -10,6 +10,7 @@ use sqlx::{AssertSqlSafe, Executor, PgPool};
 use stripe_sync_applier::event::Incoming;
 use stripe_sync_applier::registry::Registry;
 use stripe_sync_applier::store::Statements;
+use stripe_sync_applier::store::{GUARD, SET_STATE};
 use stripe_sync_shared::subjects::Topology;
 use stripe_sync_testkit::db::TestDb;
 
@@ -136,12 +137,7 @@ async fn batch(
                from staging s cross join lateral (select e._raw_data from stripe.events e \
                  where e._account_id = s.acct and e.id = s.id limit 1) ev \
                where s.tbl = '{table}' order by s.acct, s.object_id, s.created desc, s.deleted desc, s.seq desc) o \
-             on conflict (_account_id, id) do update set _raw_data = excluded._raw_data, livemode = excluded.livemode, \
-               deleted = excluded.deleted, _last_event_id = excluded._last_event_id, \
-               _last_event_created = excluded._last_event_created, _last_event_seq = excluded._last_event_seq, \
-               _updated_at = now(){sets} \
-             where (excluded._last_event_created, excluded.deleted, excluded._last_event_seq) \
-               >= (t._last_event_created, t.deleted, t._last_event_seq) \
+             on conflict (_account_id, id) do update set {SET_STATE}{sets} where {GUARD} \
              returning _account_id, id"
         );
         let written: Vec<(String, String)> = sqlx::query_as(AssertSqlSafe(sql))

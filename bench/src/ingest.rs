@@ -141,16 +141,17 @@ pub async fn run(
         "noop",
     )?;
     wait_http_ok(port, "/healthz").await;
-    let result = closed_loop(
-        port,
-        "/webhooks",
-        connections,
-        warmup,
-        duration,
-        Arc::new(Bodies::new(SECRET, 0)),
-    )
-    .await?;
-    let noop_run = Run::from(&result, noop.peak_rss_mib());
+    let load = |port| {
+        closed_loop(
+            port,
+            "/webhooks",
+            connections,
+            warmup,
+            duration,
+            Arc::new(Bodies::new(SECRET, 0)),
+        )
+    };
+    let noop_run = Run::from(&load(port).await?, noop.peak_rss_mib());
     noop.stop().await;
 
     let port = free_port();
@@ -161,16 +162,7 @@ pub async fn run(
         "ingest",
     )?;
     wait_http_ok(port, "/readyz").await;
-    let result = closed_loop(
-        port,
-        "/webhooks",
-        connections,
-        warmup,
-        duration,
-        Arc::new(Bodies::new(SECRET, 0)),
-    )
-    .await?;
-    let ingest_run = Run::from(&result, ingest.peak_rss_mib());
+    let ingest_run = Run::from(&load(port).await?, ingest.peak_rss_mib());
     ingest.stop().await;
     let jetstream_only = jetstream_only(nats, connections, duration).await?;
     Ok(Report {

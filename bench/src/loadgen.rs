@@ -12,6 +12,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use http_body_util::{BodyExt, Full};
 use sha2::Sha256;
 use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
 
 /// Builds distinct signed webhook bodies from a set of realistic templates.
 pub struct Bodies {
@@ -148,20 +149,30 @@ pub async fn closed_loop(
     measuring.store(false, Ordering::Relaxed);
     let elapsed = started.elapsed();
     stop.store(true, Ordering::Relaxed);
-    let mut total = LoadResult {
-        ok: 0,
-        failed: 0,
-        elapsed,
-        latency: Histogram::new(3)?,
-    };
-    for task in tasks {
-        let (ok, failed, latency) = task.await?;
-        total.ok += ok;
-        total.failed += failed;
-        total.latency.add(latency)?;
-    }
-    Ok(total)
+    LoadResult::sum(elapsed, tasks).await
 }
+
+impl LoadResult {
+    /// Adds up what each connection's task counted.
+    async fn sum(elapsed: Duration, tasks: Vec<JoinHandle<Counts>>) -> anyhow::Result<Self> {
+        let mut total = Self {
+            ok: 0,
+            failed: 0,
+            elapsed,
+            latency: Histogram::new(3)?,
+        };
+        for task in tasks {
+            let (ok, failed, latency) = task.await?;
+            total.ok += ok;
+            total.failed += failed;
+            total.latency.add(latency)?;
+        }
+        Ok(total)
+    }
+}
+
+/// Requests answered 200, other answers, and the latency of the 200s, of one connection.
+type Counts = (u64, u64, Histogram<u64>);
 
 /// Paced: `rate` requests a second for `duration`, over a pool of connections; calls `on_accepted` with each event id
 /// answered 200 and the instant the answer came.
@@ -210,17 +221,5 @@ pub async fn paced(
     }
     drop(tx);
     let elapsed = started.elapsed();
-    let mut total = LoadResult {
-        ok: 0,
-        failed: 0,
-        elapsed,
-        latency: Histogram::new(3)?,
-    };
-    for task in tasks {
-        let (ok, failed, latency) = task.await?;
-        total.ok += ok;
-        total.failed += failed;
-        total.latency.add(latency)?;
-    }
-    Ok(total)
+    LoadResult::sum(elapsed, tasks).await
 }

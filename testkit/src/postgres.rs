@@ -35,20 +35,27 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn run(bin: &Path, tool: &str, args: &[&str]) {
+/// `tool` from `bin` with `args`, run as the `postgres` user when we are root (Postgres refuses to run as root).
+fn command(bin: &Path, tool: &str, args: &[&str]) -> Command {
     let program = bin.join(tool);
-    let status = if is_root() {
-        Command::new("runuser")
-            .arg("-u")
-            .arg("postgres")
-            .arg("--")
-            .arg(&program)
-            .args(args)
-            .status()
+    if is_root() {
+        let mut command = Command::new("runuser");
+        command
+            .args(["-u", "postgres", "--"])
+            .arg(program)
+            .args(args);
+        command
     } else {
-        Command::new(&program).args(args).status()
-    };
-    let status = status.unwrap_or_else(|e| panic!("running {}: {e}", program.display()));
+        let mut command = Command::new(program);
+        command.args(args);
+        command
+    }
+}
+
+fn run(bin: &Path, tool: &str, args: &[&str]) {
+    let status = command(bin, tool, args)
+        .status()
+        .unwrap_or_else(|e| panic!("running {tool}: {e}"));
     assert!(status.success(), "{tool} {args:?} failed");
 }
 
@@ -137,19 +144,13 @@ impl TestPostgres {
 
 impl Drop for TestPostgres {
     fn drop(&mut self) {
-        let program = self.bin.join("pg_ctl");
-        let args = ["-D", &self.data(), "-m", "immediate", "-w", "stop"];
-        let _ = if is_root() {
-            Command::new("runuser")
-                .arg("-u")
-                .arg("postgres")
-                .arg("--")
-                .arg(&program)
-                .args(args)
-                .output()
-        } else {
-            Command::new(&program).args(args).output()
-        };
+        let data = self.data();
+        let _ = command(
+            &self.bin,
+            "pg_ctl",
+            &["-D", &data, "-m", "immediate", "-w", "stop"],
+        )
+        .output();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

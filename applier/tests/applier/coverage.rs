@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use stripe_sync_applier::registry::{Key, Registry};
 use stripe_sync_testkit::stripe::{self, now};
 
-use crate::helpers::TestEnv;
+use crate::helpers::{TestEnv, post_signed};
 
 const ORIGINAL_49: [&str; 49] = [
     "balance.available",
@@ -160,17 +160,11 @@ async fn all_265_snapshot_event_types_are_accepted_over_http_and_recorded() {
                 stripe::fixture(object_type),
             );
             let body = serde_json::to_vec(&event).unwrap();
-            let response = http
-                .post(format!("{ingest}/webhooks"))
-                .header(
-                    "stripe-signature",
-                    stripe::sign(stripe::SECRET, now(), &body),
-                )
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 200, "{event_type} ({object_type})");
+            assert_eq!(
+                post_signed(&http, &ingest, &body).await,
+                200,
+                "{event_type} ({object_type})"
+            );
             events.push(event);
         }
     }
@@ -206,17 +200,7 @@ async fn all_71_peer_events_apply_cleanly_and_land_where_expected() {
         .collect();
     assert_eq!(peer.len(), 71);
     for (name, body) in &peer {
-        let response = http
-            .post(format!("{ingest}/webhooks"))
-            .header(
-                "stripe-signature",
-                stripe::sign(stripe::SECRET, now(), body),
-            )
-            .body(body.clone())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200, "{name}");
+        assert_eq!(post_signed(&http, &ingest, body).await, 200, "{name}");
     }
     env.wait_count("select count(*) from stripe.events", 71)
         .await;

@@ -2,7 +2,7 @@
 
 use stripe_sync_testkit::stripe::{self, now};
 
-use crate::helpers::{TestEnv, customer_event};
+use crate::helpers::{TestEnv, customer_event, post_signed};
 
 #[tokio::test]
 async fn a_signed_webhook_becomes_a_row_with_typed_columns_and_the_raw_object() {
@@ -18,17 +18,10 @@ async fn a_signed_webhook_becomes_a_row_with_typed_columns_and_the_raw_object() 
         "ada@example.com",
     );
     let body = serde_json::to_vec(&event).unwrap();
-    let response = reqwest::Client::new()
-        .post(format!("{ingest}/webhooks"))
-        .header(
-            "stripe-signature",
-            stripe::sign(stripe::SECRET, now(), &body),
-        )
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(
+        post_signed(&reqwest::Client::new(), &ingest, &body).await,
+        200
+    );
 
     env.wait_count(
         "select count(*) from stripe.customers where id = 'cus_e2e'",

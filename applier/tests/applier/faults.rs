@@ -5,10 +5,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use stripe_sync_testkit::nats::{TestNats, find_old_server};
 use stripe_sync_testkit::postgres::TestPostgres;
-use stripe_sync_testkit::stripe::{self, now};
+use stripe_sync_testkit::stripe::now;
 use stripe_sync_testkit::{eventually, unique_name};
 
-use crate::helpers::{PATIENCE, TestEnv, customer_event};
+use crate::helpers::{PATIENCE, TestEnv, customer_event, post_signed};
 
 #[tokio::test]
 async fn postgres_restarted_mid_stream_loses_nothing_and_dead_letters_nothing() {
@@ -94,17 +94,7 @@ async fn nats_restarted_mid_ingest_every_acknowledged_event_reaches_the_database
                 "n@example.com",
             );
             let body = serde_json::to_vec(&event).unwrap();
-            let response = http
-                .post(format!("{ingest}/webhooks"))
-                .header(
-                    "stripe-signature",
-                    stripe::sign(stripe::SECRET, now(), &body),
-                )
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            match response.status().as_u16() {
+            match post_signed(&http, &ingest, &body).await {
                 200 => true,
                 503 => false,
                 other => panic!("unexpected status {other}"),

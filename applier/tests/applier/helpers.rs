@@ -14,6 +14,21 @@ use stripe_sync_testkit::db::TestDb;
 use stripe_sync_testkit::nats::TestNats;
 use stripe_sync_testkit::{eventually, stripe, unique_name};
 
+/// POSTs `body` to ingest's `/webhooks` at `base`, signed now with the test secret; returns the status code.
+pub async fn post_signed(http: &reqwest::Client, base: &str, body: &[u8]) -> u16 {
+    http.post(format!("{base}/webhooks"))
+        .header(
+            "stripe-signature",
+            stripe::sign(stripe::SECRET, stripe::now(), body),
+        )
+        .body(body.to_vec())
+        .send()
+        .await
+        .expect("request reaches ingest")
+        .status()
+        .as_u16()
+}
+
 /// Generous bound for anything asynchronous in a test on a loaded two-core machine.
 pub const PATIENCE: Duration = Duration::from_secs(60);
 

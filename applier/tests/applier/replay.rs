@@ -98,14 +98,19 @@ async fn recreate(env: &TestEnv) {
         .unwrap();
 }
 
+/// Publishes the history, lets an applier apply it all, stops it; returns the tables' checksums.
+async fn history_applied(env: &TestEnv) -> Vec<(String, String)> {
+    let applier = env.start_applier().await;
+    publish_history(env).await;
+    env.wait_drained().await;
+    applier.stop().await;
+    checksums(&env.pool).await
+}
+
 #[tokio::test]
 async fn replay_into_a_dropped_and_recreated_database_gives_identical_tables() {
     let env = TestEnv::new().await;
-    let applier = env.start_applier().await;
-    publish_history(&env).await;
-    env.wait_drained().await;
-    applier.stop().await;
-    let before = checksums(&env.pool).await;
+    let before = history_applied(&env).await;
     assert!(before.len() > 80);
 
     env.pool.close().await;
@@ -128,11 +133,7 @@ async fn replay_into_a_dropped_and_recreated_database_gives_identical_tables() {
 #[tokio::test]
 async fn replay_force_repairs_rows_whose_events_are_already_recorded() {
     let env = TestEnv::new().await;
-    let applier = env.start_applier().await;
-    publish_history(&env).await;
-    env.wait_drained().await;
-    applier.stop().await;
-    let before = checksums(&env.pool).await;
+    let before = history_applied(&env).await;
 
     // A restore that brought back stripe.events but lost the customers.
     sqlx::query("truncate stripe.customers")
