@@ -92,6 +92,15 @@ fn expected_id(event: &Value, account: &str) -> String {
     }
 }
 
+/// Once the applier is idle: every event is where [`assert_landed`] expects it, and nothing was dead-lettered.
+async fn assert_all_landed(env: &TestEnv, events: &[Value]) {
+    env.wait_drained().await;
+    for event in events {
+        assert_landed(env, event).await;
+    }
+    assert_eq!(env.dead_letters().await, 0);
+}
+
 async fn assert_landed(env: &TestEnv, event: &Value) {
     let object_type = event["data"]["object"]["object"].as_str().unwrap();
     let table = &Registry::shipped()
@@ -136,11 +145,7 @@ async fn the_original_49_event_types_land_in_their_tables() {
         env.publish(&event).await;
         events.push(event);
     }
-    env.wait_drained().await;
-    for event in &events {
-        assert_landed(&env, event).await;
-    }
-    assert_eq!(env.dead_letters().await, 0);
+    assert_all_landed(&env, &events).await;
     applier.stop().await;
 }
 
@@ -170,11 +175,7 @@ async fn all_265_snapshot_event_types_are_accepted_over_http_and_recorded() {
     }
     env.wait_count("select count(*) from stripe.events", events.len() as i64)
         .await;
-    env.wait_drained().await;
-    for event in &events {
-        assert_landed(&env, event).await;
-    }
-    assert_eq!(env.dead_letters().await, 0);
+    assert_all_landed(&env, &events).await;
     applier.stop().await;
 }
 
