@@ -58,6 +58,9 @@ impl ApiError {
             Self::NotAnEvent(HeadError::NotAnEvent(_)) => {
                 (StatusCode::BAD_REQUEST, "body_not_an_event")
             }
+            Self::NotAnEvent(HeadError::ThinEvent) => {
+                (StatusCode::BAD_REQUEST, "thin_event_not_supported")
+            }
             Self::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::BadBody => (StatusCode::BAD_REQUEST, "body_unreadable"),
             Self::UnknownEndpoint(_) => (StatusCode::NOT_FOUND, "unknown_endpoint"),
@@ -69,16 +72,17 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        if status.is_server_error() {
+        // What went wrong with the request is the caller's to know; what went wrong inside (the broker's own
+        // words) is logged only.
+        let message = if status.is_server_error() {
             tracing::warn!(error = %self, code, "webhook not accepted; Stripe will retry");
+            "the event could not be stored right now; retry later".to_owned()
         } else {
             tracing::info!(error = %self, code, "webhook refused");
-        }
-        let mut response = (
-            status,
-            Json(json!({ "error": code, "message": self.to_string() })),
-        )
-            .into_response();
+            self.to_string()
+        };
+        let mut response =
+            (status, Json(json!({ "error": code, "message": message }))).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()

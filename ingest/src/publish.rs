@@ -11,6 +11,7 @@ use bytes::Bytes;
 use stripe_sync_shared::event_head::RoutingHead;
 use stripe_sync_shared::settings::StreamSettings;
 use stripe_sync_shared::subjects::{self, Topology};
+use stripe_sync_shared::wait::{self, Attempt};
 use stripe_sync_shared::{nats, telemetry};
 
 /// Why an event was not stored. Every variant means "Stripe should retry".
@@ -31,7 +32,8 @@ pub enum PublishError {
 }
 
 /// Publishes events; cheap to clone.
-#[derive(Clone)]
+
+#[derive(Debug, Clone)]
 pub struct Publisher {
     client: Client,
     js: jetstream::Context,
@@ -42,6 +44,7 @@ pub struct Publisher {
 
 impl Publisher {
     /// A publisher whose stream is not set up yet: see [`Publisher::set_up_stream`].
+    #[must_use]
     pub fn new(client: Client, stream_name: &str, timeout: Duration) -> Self {
         let js = jetstream::new(client.clone());
         Self {
@@ -56,24 +59,23 @@ impl Publisher {
     /// Waits for NATS, then creates or checks the events stream, retrying until it succeeds. Fails only when the
     /// server can never work (too old, stream of another shape): the caller stops the process then.
     pub async fn set_up_stream(&self, settings: &StreamSettings) -> anyhow::Result<Topology> {
-        let mut delay = Duration::from_millis(200);
-        loop {
-            if self.client.connection_state() == State::Connected {
-                match nats::ensure_events_stream(&self.js, settings, true).await {
-                    Ok(topology) => {
-                        let _ = self.topology.set(topology.clone());
-                        tracing::info!(stream = %settings.name, partitions = topology.partitions, "events stream ready");
-                        return Ok(topology);
-                    }
-                    Err(nats::SetupError::Incompatible(reason)) => anyhow::bail!(reason),
-                    Err(err) => {
-                        tracing::warn!(error = %format!("{err:#}"), "events stream not ready, retrying")
-                    }
-                }
+        let topology = wait::until_ready("NATS and the events stream", || async {
+            if self.client.connection_state() != State::Connected {
+                return Err(Attempt::NotYet(anyhow::anyhow!("not connected to NATS")));
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
-        }
+            nats::ensure_events_stream(&self.js, settings, true)
+                .await
+                .map_err(|err| match err {
+                    nats::SetupError::Incompatible(reason) => {
+                        Attempt::Fatal(anyhow::anyhow!(reason))
+                    }
+                    nats::SetupError::Nats(err) => Attempt::NotYet(err),
+                })
+        })
+        .await?;
+        let _ = self.topology.set(topology.clone());
+        tracing::info!(stream = %settings.name, partitions = topology.partitions, "events stream ready");
+        Ok(topology)
     }
 
     /// True once connected and the stream exists (checked live, for readiness probes).
@@ -89,6 +91,7 @@ impl Publisher {
     }
 
     /// Largest payload the server accepts, once connected.
+    #[must_use]
     pub fn server_max_payload(&self) -> usize {
         self.client.server_info().max_payload
     }
@@ -104,10 +107,12 @@ impl Publisher {
             return Err(PublishError::Disconnected);
         }
         let topology = self.topology.get().ok_or(PublishError::NotReady)?;
-        let routing_key = head.object_id.as_deref().unwrap_or(&head.id);
-        let subject = topology.event_subject(topology.partition_of(routing_key), &head.event_type);
+        let routing_key =
+            subjects::routing_key(head.account.as_deref(), head.object_id.as_deref(), &head.id);
+        let subject = topology.event_subject(topology.partition_of(&routing_key), &head.event_type);
 
         let mut headers = HeaderMap::new();
+        // The id has no control characters (RoutingHead refuses them): it travels as is, for JetStream's dedupe.
         headers.insert(subjects::HEADER_MSG_ID, head.id.as_ref());
         headers.insert(
             subjects::HEADER_EVENT_TYPE,
@@ -148,10 +153,18 @@ impl Publisher {
         }
     }
 
-    /// Sends everything still buffered to the server (at shutdown).
-    pub async fn flush(&self) {
-        if let Err(err) = self.client.flush().await {
-            tracing::warn!(error = %err, "flushing the NATS connection at shutdown failed");
+    /// Sends everything still buffered to the server (at shutdown), waiting at most `timeout`; at once when not
+    /// connected (nothing can be sent, and nothing waits for it: in-flight requests already got their 503).
+    pub async fn flush(&self, timeout: Duration) {
+        if self.client.connection_state() != State::Connected {
+            return;
+        }
+        match tokio::time::timeout(timeout, self.client.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "flushing the NATS connection at shutdown failed")
+            }
+            Err(_) => tracing::warn!("flushing the NATS connection at shutdown timed out"),
         }
     }
 }

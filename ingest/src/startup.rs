@@ -18,6 +18,7 @@ use crate::signature::Verifier;
 const HEADER_ALLOWANCE: usize = 16 * 1024;
 
 /// A built, not yet running, ingest service.
+#[derive(Debug)]
 pub struct Application {
     listener: TcpListener,
     state: AppState,
@@ -27,22 +28,11 @@ pub struct Application {
 impl Application {
     /// Binds the listener and starts connecting to NATS (in the background: NATS may be down at start).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let endpoints = verifiers(&settings)?;
-        let client = nats::connect(&settings.nats, "stripe-sync-ingest", false).await?;
-        let publisher = Publisher::new(
-            client,
-            &settings.stream.name,
-            settings.webhook.publish_timeout,
-        );
+        let state = app_state(&settings).await?;
         let address = format!("{}:{}", settings.http.host, settings.http.port);
         let listener = TcpListener::bind(&address)
             .await
             .with_context(|| format!("binding {address}"))?;
-        let state = AppState {
-            endpoints: Arc::new(endpoints),
-            publisher,
-            body_limit: settings.http.body_limit,
-        };
         Ok(Self {
             listener,
             state,
@@ -88,6 +78,7 @@ impl Application {
         };
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let deadline = settings.http.shutdown_timeout;
         let server = {
             let mut stop_rx = stop_rx.clone();
             axum::serve(listener, routes::router(state)).with_graceful_shutdown(async move {
@@ -102,16 +93,36 @@ impl Application {
             result = setup_until_done(setup) => result,
         };
         let _ = stop_tx.send(true);
-        match tokio::time::timeout(settings.http.shutdown_timeout, server).await {
+        let stopping = tokio::time::Instant::now();
+        match tokio::time::timeout(deadline, server).await {
             Ok(joined) => joined.context("server task")?.context("serving HTTP")?,
             Err(_) => {
                 tracing::warn!("in-flight requests did not finish within the shutdown timeout")
             }
         }
-        publisher.flush().await;
+        publisher
+            .flush(deadline.saturating_sub(stopping.elapsed()))
+            .await;
         tracing::info!("ingest stopped");
         outcome
     }
+}
+
+/// What the router serves with: the endpoints' verifiers and a publisher whose NATS connection is made in the
+/// background (tests give the router a state whose NATS never answers, to exercise every refusal without a broker).
+pub async fn app_state(settings: &Settings) -> anyhow::Result<AppState> {
+    let endpoints = verifiers(settings)?;
+    let client = nats::connect(&settings.nats, "stripe-sync-ingest", false).await?;
+    let publisher = Publisher::new(
+        client,
+        &settings.stream.name,
+        settings.webhook.publish_timeout,
+    );
+    Ok(AppState {
+        endpoints: Arc::new(endpoints),
+        publisher,
+        body_limit: settings.http.body_limit,
+    })
 }
 
 /// Runs stream setup; when it succeeds, waits forever (the shutdown signal ends the service).
@@ -131,7 +142,8 @@ fn verifiers(settings: &Settings) -> anyhow::Result<HashMap<String, Verifier>> {
     }
     for (name, endpoint) in &settings.webhook.endpoints {
         let verifier = Verifier::new(&endpoint.secrets, tolerance)
-            .map_err(|e| anyhow::anyhow!("webhook endpoint {name:?}: {e}"))?;
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("webhook endpoint {name:?}"))?;
         endpoints.insert(name.clone(), verifier);
     }
     anyhow::ensure!(

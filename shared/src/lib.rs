@@ -8,3 +8,4 @@ pub mod settings;
 pub mod shutdown;
 pub mod subjects;
 pub mod telemetry;
+pub mod wait;

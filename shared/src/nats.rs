@@ -92,7 +92,7 @@ fn parse_version(version: &str) -> (u64, u64) {
 fn events_stream_config(settings: &StreamSettings) -> stream::Config {
     let topology = Topology {
         prefix: settings.subject_prefix.clone(),
-        partitions: settings.partitions.max(1),
+        partitions: settings.partitions.get(),
     };
     stream::Config {
         name: settings.name.clone(),
@@ -100,7 +100,9 @@ fn events_stream_config(settings: &StreamSettings) -> stream::Config {
         subjects: vec![topology.events_wildcard()],
         storage: stream::StorageType::File,
         retention: stream::RetentionPolicy::Limits,
-        discard: stream::DiscardPolicy::Old,
+        // With `max_bytes` set, a full stream refuses new events (ingest answers 503, Stripe retries) instead of
+        // dropping the oldest ones, which may not be applied yet. `max_age` removes old events either way.
+        discard: stream::DiscardPolicy::New,
         max_age: settings.max_age,
         max_bytes: settings.max_bytes,
         duplicate_window: settings.duplicate_window,
@@ -135,13 +137,15 @@ pub async fn ensure_events_stream(
                 .clone();
             let differs = info.max_age != wanted.max_age
                 || info.max_bytes != wanted.max_bytes
-                || info.duplicate_window != wanted.duplicate_window;
+                || info.duplicate_window != wanted.duplicate_window
+                || info.discard != wanted.discard;
             if apply_retention && differs {
                 tracing::info!(stream = %settings.name, "updating the events stream's retention to the settings");
                 let mut updated = info.clone();
                 updated.max_age = wanted.max_age;
                 updated.max_bytes = wanted.max_bytes;
                 updated.duplicate_window = wanted.duplicate_window;
+                updated.discard = wanted.discard;
                 js.update_stream(updated)
                     .await
                     .context("updating the events stream's retention")?;
@@ -149,7 +153,7 @@ pub async fn ensure_events_stream(
             info
         }
         Err(err) if is_stream_not_found(err.kind()) => {
-            tracing::info!(stream = %settings.name, partitions = settings.partitions, "creating the events stream");
+            tracing::info!(stream = %settings.name, partitions = settings.partitions.get(), "creating the events stream");
             match js.create_stream(wanted.clone()).await {
                 Ok(_) => wanted,
                 // Another process may have created it between our lookup and our create: take theirs. Otherwise
@@ -182,7 +186,8 @@ pub fn topology_of(
     let partitions = config
         .metadata
         .get(METADATA_PARTITIONS)
-        .and_then(|p| p.parse::<u32>().ok())
+        .and_then(|p| p.parse::<std::num::NonZeroU32>().ok())
+        .map(std::num::NonZeroU32::get)
         .ok_or_else(|| {
             SetupError::Incompatible(format!(
                 "stream {} has no numeric `{METADATA_PARTITIONS}` metadata: it was not created by stripe-sync, or by \
@@ -192,7 +197,7 @@ pub fn topology_of(
         })?;
     let topology = Topology {
         prefix: settings.subject_prefix.clone(),
-        partitions: partitions.max(1),
+        partitions,
     };
     if !config.subjects.contains(&topology.events_wildcard()) {
         return Err(SetupError::Incompatible(format!(
@@ -202,11 +207,11 @@ pub fn topology_of(
             topology.events_wildcard()
         )));
     }
-    if partitions != settings.partitions {
+    if partitions != settings.partitions.get() {
         tracing::warn!(
             stream = %config.name,
             stream_partitions = partitions,
-            setting_partitions = settings.partitions,
+            setting_partitions = settings.partitions.get(),
             "the partition count is fixed when the stream is created; using the stream's"
         );
     }
@@ -239,11 +244,13 @@ pub async fn ensure_dlq_stream(
 }
 
 /// True when a stream lookup failed because the stream does not exist.
+#[must_use]
 pub fn is_stream_not_found(kind: GetStreamErrorKind) -> bool {
     matches!(kind, GetStreamErrorKind::JetStream(e) if e.error_code() == ErrorCode::STREAM_NOT_FOUND)
 }
 
 /// A URL with any `user:password@` removed, for logs.
+#[must_use]
 pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {

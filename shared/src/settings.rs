@@ -4,6 +4,7 @@
 //! field, plus the plain names operators already use (`DATABASE_URL`, `NATS_URL`, ...), mapped by each binary.
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -129,11 +130,12 @@ pub struct StreamSettings {
     pub subject_prefix: String,
     /// Number of partitions, fixed when the stream is created (kept in the stream's metadata; the stream's value
     /// wins over this setting afterwards). Events of one object always go to the same partition.
-    pub partitions: u32,
+    pub partitions: NonZeroU32,
     /// How long events stay in the stream, and so how far back `replay` can go.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
-    /// Upper bound of the stream's size in bytes (oldest events are dropped first); -1 = no bound.
+    /// Upper bound of the stream's size in bytes; -1 = no bound. When the stream is full, new events are refused
+    /// (ingest answers 503 and Stripe retries) rather than unapplied ones dropped.
     pub max_bytes: i64,
     /// JetStream's own duplicate window on `Nats-Msg-Id` (the event id). The database dedupes forever.
     #[serde(with = "humantime_serde")]
@@ -152,7 +154,7 @@ impl Default for StreamSettings {
         Self {
             name: "STRIPE_EVENTS".into(),
             subject_prefix: "stripe".into(),
-            partitions: 16,
+            partitions: NonZeroU32::new(16).unwrap_or(NonZeroU32::MIN),
             max_age: Duration::from_secs(30 * 24 * 3600),
             max_bytes: -1,
             duplicate_window: Duration::from_secs(120),
@@ -198,6 +200,28 @@ pub enum LogFormat {
     Json,
     /// Human-readable lines.
     Pretty,
+}
+
+/// Durations that must be more than zero (a zero `ack_wait` or pin timeout can't work): `#[serde(with =
+/// "positive_duration")]`, written like any duration (`500ms`, `30s`, `5m`).
+pub mod positive_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, de::Error};
+
+    /// Reads a humantime duration and refuses zero.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let value = humantime_serde::Serde::<Duration>::deserialize(d)?.into_inner();
+        if value.is_zero() {
+            return Err(D::Error::custom("must be more than 0 (e.g. 500ms, 10s)"));
+        }
+        Ok(value)
+    }
+
+    /// Writes a duration the way it is read.
+    pub fn serialize<S: serde::Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        humantime_serde::serialize(value, s)
+    }
 }
 
 /// Deserializes a list given either as a sequence (file) or as one comma-separated string (environment).
@@ -266,7 +290,7 @@ mod tests {
         .unwrap();
         assert_eq!(s.nats.url.expose_secret(), "nats://plain:4222");
         assert_eq!(s.stream.max_age, Duration::from_secs(7 * 24 * 3600));
-        assert_eq!(s.stream.partitions, 4);
+        assert_eq!(s.stream.partitions.get(), 4);
         assert_eq!(s.telemetry.filter, "debug");
 
         let s: Probe = load(
@@ -278,6 +302,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.nats.url.expose_secret(), "nats://prefixed:4222");
+    }
+
+    #[test]
+    fn zero_partitions_and_zero_durations_are_refused_with_the_setting_named() {
+        let err =
+            load::<Probe>(&env(&[("STRIPE_SYNC__STREAM__PARTITIONS", "0")]), &[]).unwrap_err();
+        assert!(err.to_string().contains("partitions"), "{err}");
+
+        #[derive(Debug, Deserialize)]
+        struct Timeouts {
+            #[serde(with = "positive_duration")]
+            #[allow(dead_code)]
+            wait: Duration,
+        }
+        let err = serde_json::from_str::<Timeouts>(r#"{"wait": "0s"}"#).unwrap_err();
+        assert!(err.to_string().contains("more than 0"), "{err}");
+        assert!(serde_json::from_str::<Timeouts>(r#"{"wait": "1ms"}"#).is_ok());
     }
 
     #[test]

@@ -39,6 +39,7 @@ pub struct Topology {
 
 impl Topology {
     /// Subject an event is published to: `<prefix>.events.<partition>.<event type>`.
+    #[must_use]
     pub fn event_subject(&self, partition: u32, event_type: &str) -> String {
         format!(
             "{}.events.{}.{}",
@@ -49,34 +50,52 @@ impl Topology {
     }
 
     /// Wildcard covering every event subject, for the stream.
+    #[must_use]
     pub fn events_wildcard(&self) -> String {
         format!("{}.events.>", self.prefix)
     }
 
     /// Filter of one partition, for its consumer.
+    #[must_use]
     pub fn partition_filter(&self, partition: u32) -> String {
         format!("{}.events.{}.>", self.prefix, partition)
     }
 
     /// Dead-letter subject of an event type.
+    #[must_use]
     pub fn dlq_subject(&self, event_type: &str) -> String {
         format!("{}.dlq.{}", self.prefix, subject_safe(event_type))
     }
 
     /// Wildcard covering every dead-letter subject.
+    #[must_use]
     pub fn dlq_wildcard(&self) -> String {
         format!("{}.dlq.>", self.prefix)
     }
 
-    /// Partition of an event: a stable hash of its routing key (the object id, or the event id for objects without
-    /// one), so every event of one object lands in one partition and keeps its order.
+    /// Partition of an event: a stable hash of its [`routing_key`], so every event of one object lands in one
+    /// partition and keeps its order.
+    #[must_use]
     pub fn partition_of(&self, routing_key: &str) -> u32 {
         (xxh3_64(routing_key.as_bytes()) % u64::from(self.partitions.max(1))) as u32
     }
 }
 
+/// What an event is partitioned by: its object, within its connected account (`acct_1/card_payments`: ids like
+/// a capability's repeat across accounts and would all land in one partition), or the event id for an object
+/// without an id. Ingest and every publisher of snapshots use this, so one object's writes share a partition.
+#[must_use]
+pub fn routing_key(account: Option<&str>, object_id: Option<&str>, event_id: &str) -> String {
+    match (account, object_id.filter(|id| !id.is_empty())) {
+        (Some(account), Some(object)) => format!("{account}/{object}"),
+        (None, Some(object)) => object.to_owned(),
+        (_, None) => event_id.to_owned(),
+    }
+}
+
 /// Makes an event type usable as subject tokens: characters outside `[A-Za-z0-9_.-]` become `_`, empty tokens
 /// become `_`. Stripe's types pass unchanged; the header keeps the exact type in any case.
+#[must_use]
 pub fn subject_safe(event_type: &str) -> String {
     let cleaned: String = event_type
         .chars()
@@ -96,6 +115,7 @@ pub fn subject_safe(event_type: &str) -> String {
 }
 
 /// Makes a value safe for a NATS header (no CR/LF), truncating very long ones.
+#[must_use]
 pub fn header_safe(value: &str, max_len: usize) -> String {
     let mut out: String = value
         .chars()
@@ -146,6 +166,27 @@ mod tests {
         assert_eq!(
             one.event_subject(one.partition_of("x"), "price.created"),
             "stripe.events.0.price.created"
+        );
+    }
+
+    #[test]
+    fn connected_accounts_spread_objects_whose_ids_repeat_across_accounts() {
+        let t = Topology {
+            prefix: "stripe".into(),
+            partitions: 16,
+        };
+        assert_eq!(routing_key(None, Some("cus_1"), "evt_1"), "cus_1");
+        assert_eq!(routing_key(None, None, "evt_1"), "evt_1");
+        let used: std::collections::HashSet<u32> = (0..200)
+            .map(|i| {
+                let account = format!("acct_{i}");
+                t.partition_of(&routing_key(Some(&account), Some("card_payments"), "evt_x"))
+            })
+            .collect();
+        assert_eq!(
+            used.len(),
+            16,
+            "every account's `card_payments` capability in one partition"
         );
     }
 

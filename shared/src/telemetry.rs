@@ -20,6 +20,7 @@ use tracing_subscriber::{EnvFilter, Layer};
 use crate::settings::{LogFormat, TelemetrySettings};
 
 /// Keeps the trace pipeline alive; dropping it flushes spans not yet exported.
+#[derive(Debug)]
 pub struct TelemetryGuard {
     provider: SdkTracerProvider,
 }

@@ -21,6 +21,7 @@ pub fn use_server(url: String) {
 }
 
 /// A database of its own; dropped (with any connections still open) when this value is dropped.
+#[derive(Debug)]
 pub struct TestDb {
     name: String,
     url: String,
@@ -45,11 +46,13 @@ impl TestDb {
     }
 
     /// Connection URL of the database.
+    #[must_use]
     pub fn url(&self) -> &str {
         &self.url
     }
 
     /// Database name.
+    #[must_use]
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -92,6 +95,7 @@ impl Drop for TestDb {
 }
 
 /// Replaces the database name in a Postgres URL.
+#[must_use]
 pub fn with_database(url: &str, database: &str) -> String {
     let (base, query) = url
         .split_once('?')

@@ -53,6 +53,7 @@ pub fn unique_name(prefix: &str) -> String {
 }
 
 /// Path of the repository's `testdata/` folder.
+#[must_use]
 pub fn testdata_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata")
 }

@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A running (or stopped) private NATS server. Killed on drop.
+#[derive(Debug)]
 pub struct TestNats {
     binary: PathBuf,
     dir: PathBuf,
@@ -15,11 +16,13 @@ pub struct TestNats {
 
 impl TestNats {
     /// Starts a server on a free port with its own JetStream store.
+    #[must_use]
     pub fn start() -> Self {
         Self::start_binary(find_server())
     }
 
     /// Starts a given `nats-server` binary (e.g. an old one, to check we refuse it).
+    #[must_use]
     pub fn start_binary(binary: PathBuf) -> Self {
         let dir = std::env::temp_dir().join(crate::unique_name("stripe-sync-nats"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -35,11 +38,13 @@ impl TestNats {
     }
 
     /// `nats://127.0.0.1:<port>`.
+    #[must_use]
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
     /// Port it listens on.
+    #[must_use]
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -99,6 +104,7 @@ impl Drop for TestNats {
 }
 
 /// Finds a `nats-server` ≥ 2.11: `$NATS_SERVER_BIN`, else the first one on `PATH` that is new enough.
+#[must_use]
 pub fn find_server() -> PathBuf {
     if let Ok(bin) = std::env::var("NATS_SERVER_BIN") {
         return PathBuf::from(bin);
@@ -131,6 +137,7 @@ fn version_ok(binary: &Path) -> bool {
 }
 
 /// A `nats-server` older than 2.11: `$NATS_OLD_SERVER_BIN` (scripts/test.sh installs 2.10), else one on `PATH`.
+#[must_use]
 pub fn find_old_server() -> PathBuf {
     if let Ok(bin) = std::env::var("NATS_OLD_SERVER_BIN") {
         return PathBuf::from(bin);
@@ -144,6 +151,7 @@ pub fn find_old_server() -> PathBuf {
 }
 
 /// A port free right now on 127.0.0.1.
+#[must_use]
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// A private Postgres server, stopped and removed on drop.
+#[derive(Debug)]
 pub struct TestPostgres {
     bin: PathBuf,
     dir: PathBuf,
@@ -61,6 +62,7 @@ fn run(bin: &Path, tool: &str, args: &[&str]) {
 
 impl TestPostgres {
     /// Creates and starts a cluster with trust authentication on 127.0.0.1.
+    #[must_use]
     pub fn start() -> Self {
         let bin = bin_dir();
         let dir = std::env::temp_dir().join(crate::unique_name("stripe-sync-pg"));
@@ -100,6 +102,7 @@ impl TestPostgres {
     }
 
     /// `postgres://postgres@127.0.0.1:<port>/postgres`.
+    #[must_use]
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }

@@ -9,6 +9,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 /// Forwards `127.0.0.1:<port>` to `target` while open.
+#[derive(Debug)]
 pub struct TcpProxy {
     port: u16,
     open: Arc<watch::Sender<bool>>,
@@ -59,11 +60,13 @@ impl TcpProxy {
     }
 
     /// Connections refused while cut (each one a client's attempt to reach the service).
+    #[must_use]
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
     }
 
     /// Port to connect to instead of the target's.
+    #[must_use]
     pub fn port(&self) -> u16 {
         self.port
     }

@@ -12,6 +12,7 @@ use sha2::Sha256;
 pub const SECRET: &str = "whsec_test_secret";
 
 /// `Stripe-Signature` value for `body`, as Stripe computes it.
+#[must_use]
 pub fn sign(secret: &str, timestamp: i64, body: &[u8]) -> String {
     format!(
         "t={timestamp},v1={}",
@@ -19,7 +20,8 @@ pub fn sign(secret: &str, timestamp: i64, body: &[u8]) -> String {
     )
 }
 
-/// hex(HMAC-SHA256(secret, "<t>." + body)).
+/// `hex(HMAC-SHA256(secret, "<t>." + body))`.
+#[must_use]
 pub fn signature_hex(secret: &str, timestamp: i64, body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(format!("{timestamp}.").as_bytes());
@@ -28,6 +30,7 @@ pub fn signature_hex(secret: &str, timestamp: i64, body: &[u8]) -> String {
 }
 
 /// Unix seconds now.
+#[must_use]
 pub fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -46,6 +49,7 @@ fn fixtures() -> &'static BTreeMap<String, Value> {
 }
 
 /// Stripe's example object of a resource (`customer`, `checkout.session`...).
+#[must_use]
 pub fn fixture(resource: &str) -> Value {
     fixtures()
         .get(resource)
@@ -54,11 +58,13 @@ pub fn fixture(resource: &str) -> Value {
 }
 
 /// Every example object, by resource name.
+#[must_use]
 pub fn all_fixtures() -> &'static BTreeMap<String, Value> {
     fixtures()
 }
 
 /// Stripe's example object with its id replaced.
+#[must_use]
 pub fn object(resource: &str, id: &str) -> Value {
     let mut o = fixture(resource);
     o["id"] = json!(id);
@@ -66,6 +72,7 @@ pub fn object(resource: &str, id: &str) -> Value {
 }
 
 /// A webhook event carrying `object`.
+#[must_use]
 pub fn event(id: &str, event_type: &str, created: i64, object: Value) -> Value {
     json!({
         "id": id,
@@ -81,6 +88,7 @@ pub fn event(id: &str, event_type: &str, created: i64, object: Value) -> Value {
 }
 
 /// Event type → object type of every snapshot event Stripe sends (`a|b` for polymorphic ones).
+#[must_use]
 pub fn event_types() -> BTreeMap<String, String> {
     let text =
         std::fs::read_to_string(crate::testdata_dir().join("stripe/event-types.json")).unwrap();
@@ -92,6 +100,7 @@ pub fn event_types() -> BTreeMap<String, String> {
 }
 
 /// The 71 real-looking events from the TypeScript engine's test suite: (file name, raw bytes).
+#[must_use]
 pub fn peer_events() -> Vec<(String, Vec<u8>)> {
     let dir = crate::testdata_dir().join("stripe/peer-events");
     let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)

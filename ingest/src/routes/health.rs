@@ -8,12 +8,12 @@ use serde_json::{Value, json};
 use super::AppState;
 
 /// The process is up.
-pub async fn healthz() -> Json<Value> {
+pub(super) async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
 /// NATS is connected and the events stream exists: webhooks will be accepted.
-pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+pub(super) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     if state.publisher.is_ready().await {
         (StatusCode::OK, Json(json!({ "status": "ready" })))
     } else {

@@ -18,7 +18,8 @@ use crate::signature::Verifier;
 pub const DEFAULT_ENDPOINT: &str = "default";
 
 /// What handlers share.
-#[derive(Clone)]
+
+#[derive(Debug, Clone)]
 pub struct AppState {
     /// Verifier per endpoint name.
     pub endpoints: Arc<HashMap<String, Verifier>>,

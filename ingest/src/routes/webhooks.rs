@@ -16,7 +16,7 @@ use crate::error::ApiError;
 const SIGNATURE_HEADER: &str = "stripe-signature";
 
 /// `POST /webhooks`.
-pub async fn receive_default(
+pub(super) async fn receive_default(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -25,7 +25,7 @@ pub async fn receive_default(
 }
 
 /// `POST /webhooks/<endpoint>`, for endpoints with their own secrets (e.g. Connect).
-pub async fn receive_named(
+pub(super) async fn receive_named(
     State(state): State<AppState>,
     Path(endpoint): Path<String>,
     headers: HeaderMap,

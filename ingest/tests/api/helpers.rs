@@ -10,7 +10,7 @@ use stripe_sync_ingest::startup::Application;
 use stripe_sync_testkit::nats::TestNats;
 use stripe_sync_testkit::{eventually, stripe, unique_name};
 
-pub struct TestApp {
+pub(crate) struct TestApp {
     pub address: String,
     pub nats: TestNats,
     pub http: reqwest::Client,
@@ -20,12 +20,12 @@ pub struct TestApp {
 }
 
 /// Ingest with the test secret, waiting until it is ready.
-pub async fn spawn_app() -> TestApp {
+pub(crate) async fn spawn_app() -> TestApp {
     spawn_app_with(&[]).await
 }
 
 /// Ingest with extra environment variables (they win over the defaults set here).
-pub async fn spawn_app_with(extra_env: &[(&str, &str)]) -> TestApp {
+pub(crate) async fn spawn_app_with(extra_env: &[(&str, &str)]) -> TestApp {
     init_telemetry();
     let nats = TestNats::start();
     let stream_name = unique_name("EVENTS");
@@ -60,7 +60,7 @@ pub async fn spawn_app_with(extra_env: &[(&str, &str)]) -> TestApp {
 }
 
 /// Telemetry as in production (spans carry trace context), logging only warnings, once per test process.
-pub fn init_telemetry() {
+pub(crate) fn init_telemetry() {
     static INIT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     INIT.get_or_init(|| {
         let settings = stripe_sync_shared::settings::TelemetrySettings {
@@ -68,14 +68,14 @@ pub fn init_telemetry() {
             ..Default::default()
         };
         // Keep the guard for the whole process: dropping it would shut the tracer down.
-        std::mem::forget(
+        Box::leak(Box::new(
             stripe_sync_shared::telemetry::init(&settings, "ingest-tests").expect("telemetry"),
-        );
+        ));
     });
 }
 
 impl TestApp {
-    pub async fn wait_ready(&self) {
+    pub(crate) async fn wait_ready(&self) {
         eventually(Duration::from_secs(20), "ingest ready", || async {
             let r = self
                 .http
@@ -89,7 +89,7 @@ impl TestApp {
     }
 
     /// POSTs `body` with the given `Stripe-Signature` (none when `None`).
-    pub async fn post_raw(
+    pub(crate) async fn post_raw(
         &self,
         path: &str,
         body: &[u8],
@@ -107,7 +107,7 @@ impl TestApp {
     }
 
     /// POSTs `body` to `/webhooks`, signed with the test secret, now.
-    pub async fn post_signed(&self, body: &[u8]) -> reqwest::Response {
+    pub(crate) async fn post_signed(&self, body: &[u8]) -> reqwest::Response {
         self.post_raw(
             "/webhooks",
             body,
@@ -116,7 +116,7 @@ impl TestApp {
         .await
     }
 
-    pub async fn jetstream(&self) -> jetstream::Context {
+    pub(crate) async fn jetstream(&self) -> jetstream::Context {
         jetstream::new(
             async_nats::connect(self.nats.url())
                 .await
@@ -124,7 +124,7 @@ impl TestApp {
         )
     }
 
-    pub async fn stream(&self) -> Stream {
+    pub(crate) async fn stream(&self) -> Stream {
         self.jetstream()
             .await
             .get_stream(&self.stream_name)
@@ -133,7 +133,7 @@ impl TestApp {
     }
 
     /// Number of messages in the events stream.
-    pub async fn stored(&self) -> u64 {
+    pub(crate) async fn stored(&self) -> u64 {
         self.stream()
             .await
             .info()
@@ -144,7 +144,7 @@ impl TestApp {
     }
 
     /// Stops ingest (as on SIGTERM) and returns what `run_until` returned.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
+    pub(crate) async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -153,7 +153,7 @@ impl TestApp {
 }
 
 /// A JSON error body's `error` code.
-pub async fn error_code(response: reqwest::Response) -> String {
+pub(crate) async fn error_code(response: reqwest::Response) -> String {
     let body: serde_json::Value = response.json().await.expect("JSON error body");
     body["error"].as_str().unwrap_or_default().to_owned()
 }

@@ -124,3 +124,61 @@ async fn ingest_starts_while_nats_is_down_and_becomes_ready_when_it_appears() {
     .await;
     server.abort();
 }
+
+#[tokio::test]
+async fn sigterm_while_nats_is_unreachable_ends_the_process_at_once_with_status_0() {
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stripe-sync-ingest"))
+        .env("NATS_URL", format!("nats://127.0.0.1:{}", free_port()))
+        .env("PORT", port.to_string())
+        .env("STRIPE_WEBHOOK_SECRET", stripe::SECRET)
+        .env("STRIPE_SYNC__STREAM__NAME", unique_name("EVENTS"))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    eventually(
+        Duration::from_secs(20),
+        "ingest binary listening",
+        || async {
+            http.get(format!("{base}/healthz"))
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status() == 200)
+                .map(|_| ())
+        },
+    )
+    .await;
+    let signalled = std::time::Instant::now();
+    assert!(
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap()
+            .success()
+    );
+    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "nothing was in flight, yet it took {:?}",
+        signalled.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn help_prints_usage_and_the_main_settings() {
+    let output = Command::new(env!("CARGO_BIN_EXE_stripe-sync-ingest"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("Usage: stripe-sync-ingest"), "{text}");
+    assert!(text.contains("STRIPE_WEBHOOK_SECRET"), "{text}");
+}

@@ -25,8 +25,12 @@ async fn a_signed_event_is_stored_unchanged_with_routing_headers() {
 
     let message = app.stream().await.get_raw_message(1).await.unwrap();
     assert_eq!(message.payload.as_ref(), body.as_slice());
-    // Partition = xxh3_64("cus_pub") mod 16 (the default partition count), computed with Python's xxhash.
-    assert_eq!(message.subject.as_str(), "stripe.events.3.customer.updated");
+    // Partition = xxh3_64("acct_123/cus_pub") mod 16 (the object within its connected account; 16 is the default
+    // partition count), computed with Python's xxhash.
+    assert_eq!(
+        message.subject.as_str(),
+        "stripe.events.12.customer.updated"
+    );
     let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_owned());
     assert_eq!(
         header(subjects::HEADER_MSG_ID).as_deref(),
@@ -132,4 +136,28 @@ async fn the_same_event_twice_is_stored_once() {
         (Some(false), Some(true))
     );
     assert_eq!(app.stored().await, 1);
+}
+
+#[tokio::test]
+async fn a_full_stream_refuses_new_events_instead_of_dropping_unapplied_ones() {
+    let app = spawn_app_with(&[("STRIPE_SYNC__STREAM__MAX_BYTES", "20000")]).await;
+    let mut statuses = Vec::new();
+    for i in 0..20 {
+        let body = serde_json::to_vec(&stripe::event(
+            &format!("evt_full_{i}"),
+            "customer.created",
+            now(),
+            stripe::object("customer", &format!("cus_full_{i}")),
+        ))
+        .unwrap();
+        statuses.push(app.post_signed(&body).await.status().as_u16());
+    }
+    assert_eq!(statuses[0], 200);
+    assert!(statuses.contains(&503), "{statuses:?}");
+    let first = app.stream().await.get_raw_message(1).await.unwrap();
+    let first: serde_json::Value = serde_json::from_slice(&first.payload).unwrap();
+    assert_eq!(
+        first["id"], "evt_full_0",
+        "the oldest event is kept for the applier"
+    );
 }
