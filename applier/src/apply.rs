@@ -1,6 +1,9 @@
-//! Applying a batch of events in one transaction: record them (dedupe), plan the rows of the new ones, upsert each
-//! table once, replace embedded lists, commit. No NATS in here: the consumer and the tests call it alike.
+//! Applying a batch of events in one transaction: record them (dedupe), plan the rows of the new ones, write each
+//! table in rounds under the ordering guard, keep embedded lists, commit. No NATS in here: the worker, the
+//! operator commands and the tests call it alike.
 
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::Arc;
 
 use sqlx::PgPool;
@@ -8,7 +11,7 @@ use sqlx::PgPool;
 use crate::error::ApplyError;
 use crate::event::Incoming;
 use crate::plan;
-use crate::registry::Registry;
+use crate::registry::{Key, Registry};
 use crate::store::{self, Statements};
 
 /// Whether events already recorded are skipped (normal) or applied again (`replay --force`).
@@ -16,7 +19,8 @@ use crate::store::{self, Statements};
 pub enum Mode {
     /// Events already in `stripe.events` change nothing.
     Normal,
-    /// Every event is applied again, still under the ordering guard (a database restored from an older backup).
+    /// Every event is applied again, still under the ordering guard and in the order it was first applied in (a
+    /// database restored from an older backup).
     Force,
 }
 
@@ -27,12 +31,21 @@ pub struct Report {
     pub events: usize,
     /// Events applied for the first time (or again, with [`Mode::Force`]).
     pub new: usize,
-    /// Rows written (after keeping the newest event of each object).
+    /// Rows written.
     pub rows_written: usize,
-    /// Rows left alone because the table already held newer state.
+    /// Writes refused because the table already held a newer state.
     pub rows_stale: usize,
+    /// Rows whose state a bare same-second tie decided (`_ambiguous`), for the API side to read again.
+    pub ambiguous: usize,
     /// New events that change no table (unknown object type): kept in `stripe.events` only.
     pub unrouted: usize,
+}
+
+/// Writes batches of events: the applier's database, or a stand-in in the worker's unit tests.
+pub trait Writer: Send + Sync {
+    /// Applies `events` (in stream order) in one transaction.
+    fn write(&self, events: &[Incoming])
+    -> impl Future<Output = Result<Report, ApplyError>> + Send;
 }
 
 /// Applies batches to Postgres.
@@ -43,6 +56,28 @@ pub struct Applier {
     /// Built on first use from the migrated tables' columns; rebuilt after a table changed.
     statements: std::sync::Mutex<Option<Arc<Statements>>>,
     platform_account: String,
+}
+
+impl Writer for Applier {
+    fn write(
+        &self,
+        events: &[Incoming],
+    ) -> impl Future<Output = Result<Report, ApplyError>> + Send {
+        self.apply(events, Mode::Normal)
+    }
+}
+
+/// An applier that applies recorded events again ([`Mode::Force`]).
+#[derive(Debug)]
+pub struct Forced<'a>(pub &'a Applier);
+
+impl Writer for Forced<'_> {
+    fn write(
+        &self,
+        events: &[Incoming],
+    ) -> impl Future<Output = Result<Report, ApplyError>> + Send {
+        self.0.apply(events, Mode::Force)
+    }
 }
 
 impl Applier {
@@ -63,32 +98,6 @@ impl Applier {
     /// The pool.
     pub fn pool(&self) -> &PgPool {
         &self.pool
-    }
-
-    /// [`Applier::apply`], retrying transient failures (database away) with backoff until they pass; returns
-    /// permanent failures. For the command-line tools: the consumer's worker has its own loop (acks, shutdown).
-    pub async fn apply_retrying(
-        &self,
-        events: &[Incoming],
-        mode: Mode,
-    ) -> Result<Report, ApplyError> {
-        use backon::BackoffBuilder;
-        let mut backoff = backon::ExponentialBuilder::new()
-            .with_min_delay(std::time::Duration::from_millis(200))
-            .with_max_delay(std::time::Duration::from_secs(10))
-            .with_jitter()
-            .without_max_times()
-            .build();
-        loop {
-            match self.apply(events, mode).await {
-                Err(err) if err.is_transient() => {
-                    let delay = backoff.next().unwrap_or(std::time::Duration::from_secs(10));
-                    tracing::warn!(error = %err, retry_in = ?delay, "database unavailable; retrying");
-                    tokio::time::sleep(delay).await;
-                }
-                other => return other,
-            }
-        }
     }
 
     /// Applies `events` (in stream order) in one transaction. Either all of it commits or nothing does.
@@ -118,6 +127,10 @@ impl Applier {
         }
     }
 
+    fn account_of<'a>(&'a self, event: &'a Incoming) -> &'a str {
+        event.account.as_deref().unwrap_or(&self.platform_account)
+    }
+
     async fn apply_with(
         &self,
         statements: &Statements,
@@ -127,22 +140,37 @@ impl Applier {
         let mut tx = self.pool.begin().await?;
         let all: Vec<&Incoming> = events.iter().collect();
         let inserted = store::insert_events(&mut tx, &all, &self.platform_account).await?;
-        let mut seen = std::collections::HashSet::new();
+        // The first copy of an event in the batch is the one recorded.
+        let mut seen = HashSet::new();
         let new: Vec<&Incoming> = all
             .into_iter()
             .filter(|e| {
-                let key = (
-                    e.account
-                        .as_deref()
-                        .unwrap_or(&self.platform_account)
-                        .to_owned(),
-                    e.id.clone(),
-                );
-                // The first copy of an event in the batch is the one recorded.
+                let key = (self.account_of(e).to_owned(), e.id.clone());
                 seen.insert(key.clone()) && (mode == Mode::Force || inserted.contains(&key))
             })
             .collect();
-        let plan = plan::plan(new.iter().copied(), self.registry, &self.platform_account);
+        // Again, each event takes the place it was first applied in: a copy Stripe re-sent after the stream's
+        // duplicate window sits later in the stream, and must not beat a newer event of the same second.
+        let recorded = if mode == Mode::Force {
+            let keys: Vec<(&str, &str)> = new
+                .iter()
+                .map(|e| (self.account_of(e), e.id.as_str()))
+                .collect();
+            store::recorded_seqs(&mut tx, &keys).await?
+        } else {
+            HashMap::new()
+        };
+        let order = |e: &Incoming| {
+            recorded
+                .get(&(self.account_of(e).to_owned(), e.id.clone()))
+                .copied()
+                .unwrap_or(e.seq as i64)
+        };
+        let plan = plan::plan(
+            new.iter().map(|e| (*e, order(e))),
+            self.registry,
+            &self.platform_account,
+        );
         let mut report = Report {
             events: events.len(),
             new: new.len(),
@@ -150,15 +178,30 @@ impl Applier {
             ..Report::default()
         };
         for table in &plan.tables {
-            let index = self
-                .registry
-                .index_of(&table.spec.object_type)
-                .unwrap_or_default();
-            for rows in &table.rounds {
-                let written = store::upsert_rows(&mut tx, statements, index, rows).await?;
+            for round in &table.rounds {
+                let written = store::upsert_rows(&mut tx, statements, table.index, round).await?;
                 report.rows_written += written.len();
-                report.rows_stale += rows.len() - written.len();
-                store::replace_children(&mut tx, statements, index, &written).await?;
+                report.rows_stale += round.len() - written.len();
+                report.ambiguous += written.iter().filter(|w| w.ambiguous).count();
+                let won_keys: HashSet<_> = written.iter().map(|w| w.key.clone()).collect();
+                let won: Vec<bool> = round
+                    .iter()
+                    .map(|r| {
+                        won_keys.contains(&(r.account.to_owned(), r.livemode, r.id.to_string()))
+                    })
+                    .collect();
+                if table.spec.key != Key::Event && won.contains(&false) {
+                    let losers: Vec<_> = round
+                        .iter()
+                        .zip(&won)
+                        .filter(|(_, won)| !**won)
+                        .map(|(r, _)| r.clone())
+                        .collect();
+                    report.ambiguous +=
+                        store::flag_tie_losers(&mut tx, statements, table.index, &losers).await?
+                            as usize;
+                }
+                store::keep_lists(&mut tx, statements, table.index, round, &won).await?;
             }
         }
         tx.commit().await?;

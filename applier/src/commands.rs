@@ -1,5 +1,6 @@
 //! The operator commands besides `run`: `migrate`, `replay`, `dlq list|show|redrive`. Each connects, does its job
-//! and returns what `main` prints.
+//! and returns what `main` prints. They honour `run_migrations`: with it off, they refuse a database whose schema
+//! is not current instead of migrating it.
 
 use std::sync::Arc;
 
@@ -9,16 +10,22 @@ use stripe_sync_shared::nats;
 
 use crate::apply::Applier;
 use crate::dead_letter::{self, Redriven, StoredLetter};
+use crate::decision::Policy;
 use crate::registry::Registry;
 use crate::replay::{self, Summary};
 use crate::settings::Settings;
 use crate::startup;
 
+/// A database ready for the commands: migrated, or checked when migrations are left to the operator.
 async fn applier(settings: &Settings) -> anyhow::Result<Arc<Applier>> {
     let pool = startup::database_pool(settings)?;
-    crate::store::migrate(&pool)
-        .await
-        .context("running migrations")?;
+    if settings.database.run_migrations {
+        crate::migrate::run(&pool)
+            .await
+            .context("running migrations")?;
+    } else {
+        crate::migrate::check(&pool).await?;
+    }
     Ok(Arc::new(Applier::new(
         pool,
         Registry::shipped(),
@@ -28,14 +35,14 @@ async fn applier(settings: &Settings) -> anyhow::Result<Arc<Applier>> {
 
 async fn jetstream(settings: &Settings) -> anyhow::Result<jetstream::Context> {
     let client = nats::connect(&settings.nats, "stripe-sync-applier-cli", true).await?;
-    nats::check_server_version(&client).map_err(|e| anyhow::anyhow!("{e}"))?;
+    nats::check_server_version(&client)?;
     Ok(jetstream::new(client))
 }
 
 /// Runs the migrations.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     let pool = startup::database_pool(settings)?;
-    crate::store::migrate(&pool)
+    crate::migrate::run(&pool)
         .await
         .context("running migrations")
 }
@@ -48,7 +55,9 @@ pub async fn replay(settings: &Settings, options: &replay::Options) -> anyhow::R
         .get_stream(&settings.stream.name)
         .await
         .with_context(|| format!("opening stream {}", settings.stream.name))?;
-    replay::replay(&stream, &applier, options).await
+    let epoch = startup::epoch_of(applier.pool(), &stream).await?;
+    let policy = Policy::new(&settings.applier);
+    replay::replay(&stream, &applier, &policy, epoch, options).await
 }
 
 async fn dlq_stream(settings: &Settings) -> anyhow::Result<jetstream::stream::Stream> {
@@ -56,25 +65,69 @@ async fn dlq_stream(settings: &Settings) -> anyhow::Result<jetstream::stream::St
     nats::ensure_dlq_stream(&js, &settings.stream).await
 }
 
-/// Every dead letter, oldest first.
-pub async fn dlq_list(settings: &Settings) -> anyhow::Result<Vec<StoredLetter>> {
-    dead_letter::read_all(&dlq_stream(settings).await?).await
+/// Calls `each` with every dead letter, oldest first (headers only); returns how many there are.
+pub async fn dlq_list(
+    settings: &Settings,
+    each: impl FnMut(StoredLetter) -> anyhow::Result<()>,
+) -> anyhow::Result<u64> {
+    dead_letter::scan(&dlq_stream(settings).await?, each).await
 }
 
-/// Redrives the dead letters of `event_id`, or all of them; returns each letter with what happened to it.
+/// The dead letters of `event_id`, each with the event as received.
+pub async fn dlq_show(
+    settings: &Settings,
+    event_id: &str,
+) -> anyhow::Result<Vec<(StoredLetter, bytes::Bytes)>> {
+    let dlq = dlq_stream(settings).await?;
+    let mut found = Vec::new();
+    dead_letter::scan(&dlq, |letter| {
+        if letter.event_id == event_id {
+            found.push(letter);
+        }
+        Ok(())
+    })
+    .await?;
+    let mut out = Vec::with_capacity(found.len());
+    for letter in found {
+        let payload = dead_letter::payload(&dlq, &letter).await?;
+        out.push((letter, payload));
+    }
+    Ok(out)
+}
+
+/// Redrives the dead letters of `event_id`, or all of them, one at a time; calls `each` with each letter and what
+/// happened to it; returns (redriven, still failing).
 pub async fn dlq_redrive(
     settings: &Settings,
     event_id: Option<&str>,
-) -> anyhow::Result<Vec<(StoredLetter, Redriven)>> {
+    mut each: impl FnMut(&StoredLetter, &Redriven),
+) -> anyhow::Result<(u64, u64)> {
     let dlq = dlq_stream(settings).await?;
     let applier = applier(settings).await?;
-    let mut out = Vec::new();
-    for letter in dead_letter::read_all(&dlq).await? {
-        if event_id.is_some_and(|id| id != letter.event_id) {
-            continue;
+    let policy = Policy::new(&settings.applier);
+    let js = jetstream(settings).await?;
+    let stream = js
+        .get_stream(&settings.stream.name)
+        .await
+        .with_context(|| format!("opening stream {}", settings.stream.name))?;
+    let epoch = startup::epoch_of(applier.pool(), &stream).await?;
+    // The sequences first (headers only), then each letter's payload as it is redriven.
+    let mut wanted = Vec::new();
+    dead_letter::scan(&dlq, |letter| {
+        if event_id.is_none_or(|id| id == letter.event_id) {
+            wanted.push(letter);
         }
-        let outcome = dead_letter::redrive(&dlq, &applier, &letter).await?;
-        out.push((letter, outcome));
+        Ok(())
+    })
+    .await?;
+    let (mut applied, mut failing) = (0, 0);
+    for letter in wanted {
+        let outcome = dead_letter::redrive(&dlq, &applier, &policy, &letter, epoch).await?;
+        match outcome {
+            Redriven::Applied => applied += 1,
+            Redriven::Failed(_) => failing += 1,
+        }
+        each(&letter, &outcome);
     }
-    Ok(out)
+    Ok((applied, failing))
 }

@@ -1,30 +1,67 @@
 //! The NATS side of consuming: one durable pull consumer per partition in a pinned-client priority group (so one
-//! applier at a time works a partition), and a pump that keeps pulling and hands messages to the partition's worker.
+//! applier at a time works a partition), a pump that keeps pulling and hands messages to the partition's worker,
+//! and the hand-over: stop pulling, hand back what arrived, keep the pin while the worker finishes, then release
+//! the pin only if it is still ours.
 
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull::{self, MessagesErrorKind};
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PriorityPolicy, PullConsumer};
-use async_nats::jetstream::{self, stream::Stream};
-use futures::StreamExt;
+use async_nats::jetstream::{self, AckKind, stream::Stream};
+use async_nats::{HeaderMap, Subscriber};
+use bytes::Bytes;
+use futures::{FutureExt as _, StreamExt as _};
 use stripe_sync_shared::subjects::Topology;
-use tokio::sync::{mpsc, watch};
+use stripe_sync_shared::wait::{self, Attempt};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 
 use crate::settings::ApplierSettings;
+use crate::worker::Delivery;
 
-/// Messages one pull requests (and the worker's queue holds): enough to fill batches, little enough that 16
-/// partitions waiting for a database slot hold a few MB, not the backlog.
+/// Messages one pull requests.
 pub const PULL_BATCH: usize = 128;
 
 /// The priority group every applier pulls in.
 pub const GROUP: &str = "appliers";
 
+impl Delivery for jetstream::Message {
+    fn stream_seq(&self) -> u64 {
+        self.info().map(|i| i.stream_sequence).unwrap_or(0)
+    }
+
+    fn payload(&self) -> Bytes {
+        self.payload.clone()
+    }
+
+    fn headers(&self) -> Option<&HeaderMap> {
+        self.headers.as_ref()
+    }
+
+    async fn ack(&self, kind: AckKind) {
+        if let Err(err) = self.ack_with(kind).await {
+            // The message is redelivered after the ack deadline, and deduplicated.
+            tracing::debug!(error = %err, "ack failed");
+        }
+    }
+}
+
 /// Durable consumer name of a partition.
+#[must_use]
 pub fn consumer_name(settings: &ApplierSettings, partition: u32) -> String {
     format!("{}-p{partition}", settings.consumer_prefix)
 }
 
+/// Most messages delivered and not yet acked per partition: a batch being applied and the next one arriving. The
+/// worker holds at most this many messages, so an applier holds at most `partitions` times this, whatever the
+/// backlog (about 25 MB with the defaults and 2.5 KB events).
+#[must_use]
+pub fn max_ack_pending(settings: &ApplierSettings) -> usize {
+    settings.batch_size.get() + PULL_BATCH
+}
+
 /// Consumer config of a partition.
+#[must_use]
 pub fn consumer_config(
     settings: &ApplierSettings,
     topology: &Topology,
@@ -41,8 +78,7 @@ pub fn consumer_config(
         ack_wait: settings.ack_wait,
         // Unlimited: the applier decides when an event is dead-lettered, never the server.
         max_deliver: -1,
-        // Room for the batch being applied and the next one being gathered, twice over.
-        max_ack_pending: (settings.batch_size * 4).max(64) as i64,
+        max_ack_pending: max_ack_pending(settings) as i64,
         priority_policy: PriorityPolicy::PinnedClient,
         priority_groups: vec![GROUP.to_owned()],
         priority_timeout: settings.pin_timeout,
@@ -57,131 +93,229 @@ pub async fn ensure_consumer(
     settings: &ApplierSettings,
     topology: &Topology,
     partition: u32,
-) -> anyhow::Result<PullConsumer> {
+) -> Result<PullConsumer, Attempt> {
     let config = consumer_config(settings, topology, partition);
+    let name = consumer_name(settings, partition);
     let mut consumer = stream.create_consumer(config).await.map_err(|e| {
-        anyhow::anyhow!(
-            "creating consumer {} on stream {}: {e}",
-            consumer_name(settings, partition),
-            stream.cached_info().config.name
-        )
+        Attempt::not_yet(anyhow::Error::new(e).context(format!("creating consumer {name}")))
     })?;
-    let info = consumer.info().await?;
+    let info = consumer.info().await.map_err(Attempt::not_yet)?;
     if info.config.priority_policy != PriorityPolicy::PinnedClient
         || info.config.priority_groups != [GROUP]
     {
-        anyhow::bail!(
+        return Err(Attempt::Fatal(anyhow::anyhow!(
             "the NATS server did not keep the pinned-client priority group on consumer {} (it needs NATS >= 2.11): \
              several appliers could work one partition at once, so the applier refuses to start",
             info.name
-        );
+        )));
     }
     Ok(consumer)
 }
 
-/// How the pump pulls: short pull requests keep the pin alive (they must arrive well within the pin timeout).
+/// How the pump pulls: pull requests must arrive well within the pin timeout, as they keep the pin.
 fn pull_timing(settings: &ApplierSettings) -> (Duration, Duration) {
     let expires =
         (settings.pin_timeout / 3).clamp(Duration::from_millis(500), Duration::from_secs(10));
     (expires, expires * 4 / 10)
 }
 
-/// Pulls the partition's messages into `tx` until `stop` is set or the worker hangs up. Pull errors (NATS away,
-/// missed heartbeats) restart the pull after a short wait; the consumer is recreated if it was deleted.
-/// `pin_id` receives the `Nats-Pin-Id` the server gave this applier, so shutdown can release the pin.
-pub async fn pump(
-    stream: Stream,
-    settings: ApplierSettings,
-    topology: Topology,
-    partition: u32,
-    tx: mpsc::Sender<jetstream::Message>,
-    mut stop: watch::Receiver<bool>,
-    pin_id: watch::Sender<Option<String>>,
-) {
-    let (expires, heartbeat) = pull_timing(&settings);
-    let mut retry_wait = Duration::from_millis(100);
-    while !*stop.borrow() {
-        let consumer = match ensure_consumer(&stream, &settings, &topology, partition).await {
-            Ok(c) => c,
-            Err(err) => {
-                tracing::warn!(partition, error = %format!("{err:#}"), "cannot set up the partition's consumer, retrying");
-                if wait_or_stop(&mut stop, retry_wait).await {
-                    return;
-                }
-                retry_wait = (retry_wait * 2).min(Duration::from_secs(5));
-                continue;
-            }
+/// A partition's pump and its hand-over, driven by the partition supervisor.
+#[derive(Debug)]
+pub struct Pump {
+    /// The NATS connection (for keep-alive pull requests).
+    pub client: async_nats::Client,
+    /// The events stream.
+    pub stream: Stream,
+    /// The applier's settings.
+    pub settings: ApplierSettings,
+    /// Subjects and partitions.
+    pub topology: Topology,
+    /// The partition.
+    pub partition: u32,
+}
+
+impl Pump {
+    /// Pulls the partition's messages into `tx` until `stop` turns true; then hands back (naks) what had already
+    /// arrived, closes `tx` (the worker finishes and hands back the rest), keeps the pin until `release` fires, and
+    /// releases it if it is still ours. Pull errors restart the pull; the consumer is recreated if deleted.
+    pub async fn run(
+        self,
+        tx: mpsc::Sender<jetstream::Message>,
+        mut stop: watch::Receiver<bool>,
+        release: oneshot::Receiver<()>,
+    ) {
+        let mut pin: Option<String> = None;
+        self.pull(&tx, &mut stop, &mut pin).await;
+        drop(tx);
+        let Some(pin) = pin else {
+            // Never pinned (nothing was delivered): nothing to hand over.
+            let _ = release.await;
+            return;
         };
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(PULL_BATCH.min(settings.batch_size.max(1)))
-            .expires(expires)
-            .heartbeat(heartbeat)
-            .group(GROUP)
-            .messages()
-            .await;
-        let mut messages = match messages {
-            Ok(m) => m,
-            Err(err) => {
-                tracing::warn!(partition, error = %err, "cannot start pulling, retrying");
-                if wait_or_stop(&mut stop, retry_wait).await {
-                    return;
-                }
-                continue;
-            }
-        };
-        retry_wait = Duration::from_millis(100);
-        loop {
-            let next = tokio::select! {
-                next = messages.next() => next,
-                _ = stop.wait_for(|s| *s) => return,
+        self.hold_then_release(&pin, release).await;
+    }
+
+    async fn pull(
+        &self,
+        tx: &mpsc::Sender<jetstream::Message>,
+        stop: &mut watch::Receiver<bool>,
+        pin: &mut Option<String>,
+    ) {
+        let (expires, heartbeat) = pull_timing(&self.settings);
+        while !*stop.borrow() {
+            let setup = async {
+                let what = format!("partition {}'s consumer", self.partition);
+                let consumer = wait::until_ready(&what, || {
+                    ensure_consumer(&self.stream, &self.settings, &self.topology, self.partition)
+                })
+                .await?;
+                let messages = consumer
+                    .stream()
+                    .max_messages_per_batch(PULL_BATCH.min(self.settings.batch_size.get()))
+                    .expires(expires)
+                    .heartbeat(heartbeat)
+                    .group(GROUP)
+                    .messages()
+                    .await?;
+                anyhow::Ok(messages)
             };
-            match next {
-                Some(Ok(message)) => {
-                    if let Some(id) = message.headers.as_ref().and_then(|h| h.get("Nats-Pin-Id")) {
-                        pin_id.send_if_modified(|current| {
-                            let changed = current.as_deref() != Some(id.as_str());
-                            if changed {
-                                *current = Some(id.as_str().to_owned());
-                            }
-                            changed
-                        });
-                    }
-                    if tx.send(message).await.is_err() {
+            let setup = tokio::select! {
+                messages = setup => Some(messages),
+                _ = stop.wait_for(|s| *s) => None,
+            };
+            let mut messages = match setup {
+                None => return,
+                Some(Ok(messages)) => messages,
+                Some(Err(err)) => {
+                    tracing::error!(partition = self.partition, error = %format!("{err:#}"), "cannot pull the partition");
+                    if stop_after(stop, Duration::from_secs(1)).await {
                         return;
                     }
+                    continue;
                 }
-                Some(Err(err)) => {
-                    let fatal = matches!(
-                        err.kind(),
-                        MessagesErrorKind::ConsumerDeleted | MessagesErrorKind::PushBasedConsumer
-                    );
-                    tracing::debug!(partition, error = %err, "pull interrupted");
-                    if fatal {
-                        tracing::warn!(partition, error = %err, "consumer lost, recreating it");
-                        break;
+            };
+            loop {
+                let next = tokio::select! {
+                    next = messages.next() => Some(next),
+                    _ = stop.wait_for(|s| *s) => None,
+                };
+                let Some(next) = next else {
+                    // What already arrived goes back at once, for the partition's next applier.
+                    while let Some(Some(Ok(message))) = messages.next().now_or_never() {
+                        let _ = message.ack_with(AckKind::Nak(None)).await;
                     }
+                    return;
+                };
+                match next {
+                    Some(Ok(message)) => {
+                        // The server's `Nats-Pin-Id` is the last one: a publisher may have set another.
+                        if let Some(id) = message
+                            .headers
+                            .as_ref()
+                            .and_then(|h| h.get_last("Nats-Pin-Id"))
+                        {
+                            *pin = Some(id.as_str().to_owned());
+                        }
+                        if tx.send(message).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Err(err)) => {
+                        tracing::debug!(partition = self.partition, error = %err, "pull interrupted");
+                        if matches!(
+                            err.kind(),
+                            MessagesErrorKind::ConsumerDeleted
+                                | MessagesErrorKind::PushBasedConsumer
+                        ) {
+                            tracing::warn!(partition = self.partition, error = %err, "consumer lost, recreating it");
+                            break;
+                        }
+                    }
+                    None => break,
                 }
-                None => break,
+            }
+            if stop_after(stop, Duration::from_millis(200)).await {
+                return;
             }
         }
-        if wait_or_stop(&mut stop, Duration::from_millis(200)).await {
-            return;
+    }
+
+    /// Keeps the pin with pull requests that can't deliver anything (`max_bytes` 1) until `release` fires, then
+    /// unpins if the pin is still ours. Our last keep-alive is then younger than the pin timeout, so the server
+    /// cannot have moved the pin between our check and the unpin.
+    async fn hold_then_release(&self, pin: &str, mut release: oneshot::Receiver<()>) {
+        let (expires, _) = pull_timing(&self.settings);
+        let name = consumer_name(&self.settings, self.partition);
+        let mut held = true;
+        let mut replies: Option<(String, Subscriber)> = None;
+        loop {
+            if held {
+                held = keep_pin(
+                    &self.client,
+                    &self.stream,
+                    &name,
+                    pin,
+                    expires,
+                    &mut replies,
+                )
+                .await
+                .unwrap_or(false);
+            }
+            let next = Instant::now() + expires;
+            tokio::select! {
+                _ = &mut release => break,
+                () = tokio::time::sleep_until(next) => {}
+            }
+        }
+        if held {
+            release_pin(&self.stream, &name, pin).await;
         }
     }
 }
 
-/// Releases this applier's pin on a partition (at shutdown), so a standby applier takes over at once instead of
-/// after the pin timeout. Does nothing if the pin is not ours any more.
-pub async fn release_pin(
+/// Sends one pull request that keeps `pin` without delivering anything; false once the server says the pin is
+/// someone else's (status 423).
+async fn keep_pin(
+    client: &async_nats::Client,
     stream: &Stream,
-    settings: &ApplierSettings,
-    partition: u32,
-    our_pin: Option<String>,
-) {
-    let Some(our_pin) = our_pin else { return };
-    let name = consumer_name(settings, partition);
-    let Ok(info) = stream.consumer_info(&name).await else {
+    consumer: &str,
+    pin: &str,
+    expires: Duration,
+    replies: &mut Option<(String, Subscriber)>,
+) -> anyhow::Result<bool> {
+    if replies.is_none() {
+        let inbox = client.new_inbox();
+        *replies = Some((inbox.clone(), client.subscribe(inbox).await?));
+    }
+    let Some((inbox, subscriber)) = replies.as_mut() else {
+        return Ok(false);
+    };
+    while let Some(Some(reply)) = subscriber.next().now_or_never() {
+        if reply.status.map(|s| s.as_u16()) == Some(423) {
+            return Ok(false);
+        }
+    }
+    let request = serde_json::json!({
+        "batch": 1,
+        "max_bytes": 1,
+        "expires": expires.as_nanos() as u64,
+        "group": GROUP,
+        "id": pin,
+    });
+    let subject = format!(
+        "$JS.API.CONSUMER.MSG.NEXT.{}.{consumer}",
+        stream.cached_info().config.name
+    );
+    client
+        .publish_with_reply(subject, inbox.clone(), request.to_string().into())
+        .await?;
+    Ok(true)
+}
+
+/// Releases a partition's pin if it is still `ours`, so the partition's next applier starts at once instead of
+/// after the pin timeout. Never unpins another applier's pin.
+pub async fn release_pin(stream: &Stream, consumer: &str, ours: &str) {
+    let Ok(info) = stream.consumer_info(consumer).await else {
         return;
     };
     let pinned = info
@@ -189,21 +323,46 @@ pub async fn release_pin(
         .iter()
         .find(|g| g.group == GROUP)
         .and_then(|g| g.pinned_client_id.clone());
-    if pinned.as_deref() == Some(our_pin.as_str()) {
-        match stream.unpin_consumer(&name, GROUP).await {
-            Ok(()) => tracing::info!(partition, "released the partition's pin"),
-            Err(err) => {
-                tracing::warn!(partition, error = %err, "could not release the partition's pin")
-            }
-        }
+    if pinned.as_deref() != Some(ours) {
+        return;
+    }
+    match stream.unpin_consumer(consumer, GROUP).await {
+        Ok(()) => tracing::info!(consumer, "released the partition's pin"),
+        Err(err) => tracing::warn!(consumer, error = %err, "could not release the partition's pin"),
     }
 }
 
-/// Waits `delay`, or less if `stop` is set; true when stopping.
-pub async fn wait_or_stop(stop: &mut watch::Receiver<bool>, delay: Duration) -> bool {
+/// Waits `delay`, or less if `stop` turns true; true when stopping.
+pub async fn stop_after(stop: &mut watch::Receiver<bool>, delay: Duration) -> bool {
     let stopped = tokio::select! {
-        _ = tokio::time::sleep(delay) => false,
+        () = tokio::time::sleep(delay) => false,
         _ = stop.wait_for(|s| *s) => true,
     };
     stopped || *stop.borrow()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_holds_at_most_a_batch_and_a_pull_of_unacked_messages() {
+        let settings = ApplierSettings::default();
+        let topology = Topology {
+            prefix: "stripe".into(),
+            partitions: 16,
+        };
+        let config = consumer_config(&settings, &topology, 3);
+        assert_eq!(
+            config.max_ack_pending,
+            (settings.batch_size.get() + PULL_BATCH) as i64
+        );
+        assert_eq!(config.filter_subject, "stripe.events.3.>");
+        assert_eq!(
+            config.max_deliver, -1,
+            "the applier decides about dead letters"
+        );
+        let (expires, heartbeat) = pull_timing(&settings);
+        assert!(expires * 2 < settings.pin_timeout && heartbeat < expires);
+    }
 }

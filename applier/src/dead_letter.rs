@@ -1,19 +1,34 @@
 //! The dead letter: events the applier could not apply after the configured attempts, published with the error,
-//! the attempt count and their place in the events stream, so an operator can inspect and redrive them.
+//! the attempt count and their place in the events stream, so an operator can inspect and redrive them. Reading
+//! it streams headers only, one letter at a time, so a dead letter of any size lists in bounded memory.
+
+use anyhow::Context as _;
+use std::future::Future;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream;
+use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
 use bytes::Bytes;
+use futures::StreamExt as _;
 use stripe_sync_shared::subjects::{self, Topology};
+use tokio::sync::watch;
+
+use crate::apply::Applier;
+use crate::batch::{self, Settled};
+use crate::decision::Policy;
+use crate::event::Incoming;
+use crate::worker::DeadLetters;
 
 /// Publishes to the dead-letter stream.
-#[derive(Clone)]
+
+#[derive(Debug, Clone)]
 pub struct DeadLetter {
     js: jetstream::Context,
     topology: Topology,
 }
 
 /// What is known of an event being dead-lettered.
+#[derive(Debug)]
 pub struct Letter<'a> {
     /// The original headers (event type, ids, trace context).
     pub headers: Option<&'a HeaderMap>,
@@ -33,6 +48,7 @@ pub struct Letter<'a> {
 
 impl DeadLetter {
     /// A dead letter on the deployment's topology.
+    #[must_use]
     pub fn new(js: jetstream::Context, topology: Topology) -> Self {
         Self { js, topology }
     }
@@ -45,16 +61,17 @@ impl DeadLetter {
                 .and_then(|h| h.get(name))
                 .map(|v| v.as_str().to_owned())
         };
+        // Whatever the event carries, a header value never holds a line break (the client refuses it).
         let event_type = letter
             .event_type
             .map(str::to_owned)
             .or_else(|| header(subjects::HEADER_EVENT_TYPE))
-            .unwrap_or_else(|| "unknown".into());
+            .map_or_else(|| "unknown".into(), |t| subjects::header_safe(&t, 256));
         let event_id = letter
             .event_id
             .map(str::to_owned)
             .or_else(|| header(subjects::HEADER_MSG_ID))
-            .unwrap_or_else(|| "unknown".into());
+            .map_or_else(|| "unknown".into(), |id| subjects::header_safe(&id, 256));
         let mut headers = HeaderMap::new();
         if let Some(original) = letter.headers {
             for (name, values) in original.iter() {
@@ -62,7 +79,10 @@ impl DeadLetter {
                     continue;
                 }
                 for value in values {
-                    headers.append(AsRef::<str>::as_ref(name), value.as_str());
+                    headers.append(
+                        AsRef::<str>::as_ref(name),
+                        subjects::header_safe(value.as_str(), 4096).as_str(),
+                    );
                 }
             }
         }
@@ -100,7 +120,13 @@ impl DeadLetter {
     }
 }
 
-/// A dead letter as stored.
+impl DeadLetters for DeadLetter {
+    fn publish(&self, letter: Letter<'_>) -> impl Future<Output = anyhow::Result<()>> + Send {
+        DeadLetter::publish(self, letter)
+    }
+}
+
+/// A dead letter as stored: its headers (the payload is fetched only when needed, see [`payload`]).
 #[derive(Debug)]
 pub struct StoredLetter {
     /// Its sequence in the dead-letter stream.
@@ -119,52 +145,81 @@ pub struct StoredLetter {
     pub stream_seq: u64,
     /// Every header.
     pub headers: Vec<(String, String)>,
-    /// The event as received.
-    pub payload: Bytes,
 }
 
-/// Reads every dead letter, oldest first.
-pub async fn read_all(dlq: &jetstream::stream::Stream) -> anyhow::Result<Vec<StoredLetter>> {
+/// Calls `each` with every dead letter, oldest first, reading headers only (one letter in memory at a time).
+pub async fn scan(
+    dlq: &jetstream::stream::Stream,
+    mut each: impl FnMut(StoredLetter) -> anyhow::Result<()>,
+) -> anyhow::Result<u64> {
     let mut dlq = dlq.clone();
-    let state = dlq.info().await?.state.clone();
-    let mut letters = Vec::new();
-    if state.messages == 0 {
-        return Ok(letters);
+    if dlq.info().await?.state.messages == 0 {
+        return Ok(0);
     }
-    for seq in state.first_sequence..=state.last_sequence {
-        // Redriven letters are deleted: their sequences are gaps.
-        let Ok(message) = dlq.get_raw_message(seq).await else {
-            continue;
-        };
-        let header = |name: &str| {
-            message
-                .headers
-                .get(name)
-                .map(|v| v.as_str().to_owned())
-                .unwrap_or_default()
-        };
-        let mut headers: Vec<(String, String)> = message
-            .headers
-            .iter()
-            .flat_map(|(k, vs)| {
-                vs.iter()
-                    .map(move |v| (AsRef::<str>::as_ref(k).to_owned(), v.as_str().to_owned()))
-            })
-            .collect();
-        headers.sort();
-        letters.push(StoredLetter {
-            dlq_seq: seq,
-            event_id: header("Stripe-Event-Id"),
-            event_type: header(subjects::HEADER_EVENT_TYPE),
-            error: header(subjects::HEADER_DLQ_ERROR),
-            attempts: header(subjects::HEADER_DLQ_ATTEMPTS),
-            failed_at: header(subjects::HEADER_DLQ_FAILED_AT),
-            stream_seq: header(subjects::HEADER_DLQ_STREAM_SEQ).parse().unwrap_or(0),
-            headers,
-            payload: message.payload.clone(),
-        });
+    let consumer = dlq
+        .create_consumer(OrderedConfig {
+            deliver_policy: DeliverPolicy::All,
+            headers_only: true,
+            description: Some("stripe-sync dlq scan".into()),
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let mut seen = 0;
+    while let Some(message) = messages.next().await {
+        let message = message?;
+        let info = message
+            .info()
+            .map_err(|e| anyhow::anyhow!("reading a message's stream info: {e}"))?;
+        let (dlq_seq, pending) = (info.stream_sequence, info.pending);
+        let headers = message.headers.clone().unwrap_or_default();
+        each(stored(dlq_seq, &headers))?;
+        seen += 1;
+        if pending == 0 {
+            break;
+        }
     }
-    Ok(letters)
+    Ok(seen)
+}
+
+fn stored(dlq_seq: u64, headers: &HeaderMap) -> StoredLetter {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default()
+    };
+    let mut all: Vec<(String, String)> = headers
+        .iter()
+        .flat_map(|(k, vs)| {
+            vs.iter()
+                .map(move |v| (AsRef::<str>::as_ref(k).to_owned(), v.as_str().to_owned()))
+        })
+        .filter(|(k, _)| k != "Nats-Msg-Size")
+        .collect();
+    all.sort();
+    StoredLetter {
+        dlq_seq,
+        event_id: header("Stripe-Event-Id"),
+        event_type: header(subjects::HEADER_EVENT_TYPE),
+        error: header(subjects::HEADER_DLQ_ERROR),
+        attempts: header(subjects::HEADER_DLQ_ATTEMPTS),
+        failed_at: header(subjects::HEADER_DLQ_FAILED_AT),
+        stream_seq: header(subjects::HEADER_DLQ_STREAM_SEQ).parse().unwrap_or(0),
+        headers: all,
+    }
+}
+
+/// The event a dead letter holds, as received.
+pub async fn payload(
+    dlq: &jetstream::stream::Stream,
+    letter: &StoredLetter,
+) -> anyhow::Result<Bytes> {
+    Ok(dlq
+        .get_raw_message(letter.dlq_seq)
+        .await
+        .with_context(|| format!("reading dead letter {}", letter.dlq_seq))?
+        .payload)
 }
 
 /// What a redrive did to one letter.
@@ -176,27 +231,31 @@ pub enum Redriven {
     Failed(String),
 }
 
-/// Applies a dead letter again through the normal path; on success removes it from the dead letter.
+/// Applies a dead letter again through the normal path and the retry policy; on success removes it from the dead
+/// letter.
 pub async fn redrive(
     dlq: &jetstream::stream::Stream,
-    applier: &crate::apply::Applier,
+    applier: &Applier,
+    policy: &Policy,
     letter: &StoredLetter,
+    epoch: i32,
 ) -> anyhow::Result<Redriven> {
-    let event = match crate::event::Incoming::from_bytes(letter.stream_seq, letter.payload.clone())
-    {
+    let body = payload(dlq, letter).await?;
+    let order = crate::store::order_of(epoch, letter.stream_seq);
+    let event = match Incoming::from_bytes(order, body) {
         Ok(event) => event,
         Err(err) => return Ok(Redriven::Failed(err.to_string())),
     };
-    match applier
-        .apply_retrying(std::slice::from_ref(&event), crate::apply::Mode::Normal)
-        .await
-    {
-        Ok(_) => {
+    let (_never, mut stop) = watch::channel(false);
+    let (settled, _) = batch::apply(applier, policy, std::slice::from_ref(&event), &mut stop).await;
+    match settled.into_iter().next() {
+        Some(Settled::Applied) => {
             dlq.delete_message(letter.dlq_seq)
                 .await
-                .map_err(|e| anyhow::anyhow!("removing the redriven letter: {e}"))?;
+                .context("removing the redriven letter")?;
             Ok(Redriven::Applied)
         }
-        Err(err) => Ok(Redriven::Failed(err.detail())),
+        Some(Settled::Failed { error, .. }) => Ok(Redriven::Failed(error)),
+        Some(Settled::Stopped) | None => Ok(Redriven::Failed("not tried".into())),
     }
 }

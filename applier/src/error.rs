@@ -1,5 +1,6 @@
-//! Applier errors, classified once: transient ones retry without limit (the partition waits, nothing is lost),
-//! permanent ones go to the dead letter after the configured attempts.
+//! Applier errors, classified once into what retrying can do about them ([`crate::decision::Failure`]).
+
+use crate::decision::Failure;
 
 /// Why applying failed.
 #[derive(Debug, thiserror::Error)]
@@ -11,16 +12,18 @@ pub enum ApplyError {
     #[error("unreadable event: {0}")]
     Unreadable(String),
     /// A table changed under the applier (a column dropped or retyped): the statements are rebuilt from the catalog
-    /// and the batch is retried, like after an outage.
+    /// and the batch is retried.
     #[error("a table changed; rebuilding statements: {0}")]
     SchemaChanged(sqlx::Error),
 }
 
 impl ApplyError {
     /// The error with the database's own message (constraint, trigger) and SQLSTATE when there is one.
+    #[must_use]
     pub fn detail(&self) -> String {
         match self {
-            Self::Database(sqlx::Error::Database(db)) => {
+            Self::Database(sqlx::Error::Database(db))
+            | Self::SchemaChanged(sqlx::Error::Database(db)) => {
                 format!(
                     "{} (SQLSTATE {})",
                     db.message(),
@@ -31,59 +34,82 @@ impl ApplyError {
         }
     }
 
-    /// Transient: connection lost or refused, pool timeout, serialization failure, deadlock, the server shutting
-    /// down or out of resources, a read-only server (failover in progress), a cancelled statement. Retrying later
-    /// will succeed. Everything else (a constraint or trigger an operator added, an unreadable payload) is
-    /// permanent.
-    pub fn is_transient(&self) -> bool {
+    /// What retrying can do: an outage (connection lost or refused, pool timeout, the server shutting down, out of
+    /// resources, read-only during a failover) passes by itself; a recurring error (statement or lock timeout,
+    /// serialization failure, deadlock, a table changed) usually passes but may come back every time; anything
+    /// else (a constraint or trigger an operator added, an unreadable payload) is a rejection.
+    #[must_use]
+    pub fn failure(&self) -> Failure {
         match self {
-            Self::Unreadable(_) => false,
-            Self::SchemaChanged(_) => true,
-            Self::Database(err) => is_transient_sqlx(err),
+            Self::Unreadable(_) => Failure::Rejected,
+            Self::SchemaChanged(_) => Failure::Recurring,
+            Self::Database(err) => classify_sqlx(err),
         }
     }
 }
 
 /// Errors a statement built from an older catalog gives after an operator dropped or retyped a typed column.
+#[must_use]
 pub fn is_schema_change(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(db) if matches!(
         db.code().as_deref(),
-        Some("42703") // undefined_column
-        | Some("42804") // datatype_mismatch
+        Some("42703" | "42804") // datatype_mismatch
     ))
 }
 
-/// The transient database errors of [`ApplyError::is_transient`].
-pub fn is_transient_sqlx(err: &sqlx::Error) -> bool {
+/// Classifies a database error (see [`ApplyError::failure`]).
+#[must_use]
+pub fn classify_sqlx(err: &sqlx::Error) -> Failure {
     match err {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::Protocol(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| is_transient_sqlstate(&code)),
-        _ => false,
+        | sqlx::Error::WorkerCrashed => Failure::Outage,
+        sqlx::Error::Database(db) => db
+            .code()
+            .map_or(Failure::Rejected, |code| classify_sqlstate(&code)),
+        _ => Failure::Rejected,
     }
 }
 
-/// SQLSTATEs that mean "try again later".
-pub fn is_transient_sqlstate(code: &str) -> bool {
-    code.starts_with("08") // connection exception
+/// Classifies a SQLSTATE (see [`ApplyError::failure`]).
+#[must_use]
+pub fn classify_sqlstate(code: &str) -> Failure {
+    let outage = code.starts_with("08") // connection exception
         || code.starts_with("53") // insufficient resources: disk full, out of memory, too many connections
         || code.starts_with("58") // system error (I/O)
         || matches!(
             code,
-            "40001" // serialization_failure
-            | "40P01" // deadlock_detected
-            | "57P01" // admin_shutdown
+            "57P01" // admin_shutdown
             | "57P02" // crash_shutdown
             | "57P03" // cannot_connect_now (starting up)
             | "57P05" // idle_session_timeout
-            | "57014" // query_canceled (statement timeout)
-            | "55P03" // lock_not_available
             | "25006" // read_only_sql_transaction (a replica during failover)
-        )
+        );
+    let recurring = matches!(
+        code,
+        "40001" // serialization_failure
+        | "40P01" // deadlock_detected
+        | "57014" // query_canceled (statement_timeout)
+        | "55P03" // lock_not_available (lock_timeout)
+        | "42703" // undefined_column (a trigger, or a column dropped under the applier)
+        | "42804" // datatype_mismatch (likewise)
+    );
+    if outage {
+        Failure::Outage
+    } else if recurring {
+        Failure::Recurring
+    } else {
+        Failure::Rejected
+    }
+}
+
+/// True when waiting helps: Postgres is away (for waiting at start).
+#[must_use]
+pub fn is_outage(err: &sqlx::Error) -> bool {
+    classify_sqlx(err) == Failure::Outage
 }
 
 #[cfg(test)]
@@ -91,16 +117,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn outages_are_transient_and_rejections_are_permanent() {
+    fn outages_recurring_errors_and_rejections_are_told_apart() {
         for code in [
-            "08006", "08001", "40001", "40P01", "57P01", "57P03", "53300", "25006",
+            "08006", "08001", "57P01", "57P03", "53300", "25006", "58030",
         ] {
-            assert!(is_transient_sqlstate(code), "{code}");
+            assert_eq!(classify_sqlstate(code), Failure::Outage, "{code}");
+        }
+        for code in ["40001", "40P01", "57014", "55P03", "42703", "42804"] {
+            assert_eq!(classify_sqlstate(code), Failure::Recurring, "{code}");
         }
         for code in ["23505", "23514", "P0001", "22P02", "42P01", "XX000"] {
-            assert!(!is_transient_sqlstate(code), "{code}");
+            assert_eq!(classify_sqlstate(code), Failure::Rejected, "{code}");
         }
-        assert!(ApplyError::Database(sqlx::Error::PoolTimedOut).is_transient());
-        assert!(!ApplyError::Unreadable("x".into()).is_transient());
+        assert_eq!(
+            ApplyError::Database(sqlx::Error::PoolTimedOut).failure(),
+            Failure::Outage
+        );
+        assert_eq!(
+            ApplyError::Unreadable("x".into()).failure(),
+            Failure::Rejected
+        );
     }
 }

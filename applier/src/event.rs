@@ -1,17 +1,23 @@
 //! An event as the applier works with it: read once from the message (head fields, the span of `data.object` in the
-//! body), sharing the message's bytes (no copy) so a batch can be retried without going back to NATS.
+//! body, what ordering needs of the object), sharing the message's bytes (no copy) so a batch can be retried without
+//! going back to NATS.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
+use serde::Deserialize;
+use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use stripe_sync_shared::event_head::{self, EventHead};
 
 use crate::error::ApplyError;
+use crate::version::{FORWARD_ONLY, Kind};
 
 /// One event, ready to apply.
 #[derive(Debug, Clone)]
 pub struct Incoming {
-    /// Sequence in the events stream: the order of application, and the tie-break for same-second events.
+    /// Place in the stream's total order: the stream sequence, plus `epoch << 40` when the stream was re-created
+    /// (see `stripe.stream_epochs`). The last tie-break between same-second events.
     pub seq: u64,
     /// The event as received (Stripe's bytes; see [`Incoming::from_bytes`] for the one substitution), valid UTF-8.
     body: bytes::Bytes,
@@ -23,8 +29,12 @@ pub struct Incoming {
     pub created: i64,
     /// `account` (Connect), if any.
     pub account: Option<String>,
-    /// Live or test mode.
+    /// Live or test mode, as the event says.
     pub livemode: Option<bool>,
+    /// `data.object.livemode`, for events that lack their own.
+    object_livemode: Option<bool>,
+    /// Forward-only fields set in the object ([`FORWARD_ONLY`]): orders states within a second.
+    pub progress: u32,
     /// API version.
     pub api_version: Option<String>,
     /// `data.object.object`.
@@ -61,7 +71,7 @@ impl Incoming {
 
     /// Reads the event from `json`, the text of `body` (spans into `json` are kept as offsets into `body`).
     fn read(seq: u64, body: bytes::Bytes, json: &str) -> Result<Self, ApplyError> {
-        let head: EventHead<&RawValue> = event_head::parse_object(json.as_bytes())
+        let head: EventHead<'_, &RawValue> = event_head::parse_object(json.as_bytes())
             .map_err(|e| ApplyError::Unreadable(e.to_string()))?;
         let id = head
             .id
@@ -74,19 +84,17 @@ impl Incoming {
         let created = head
             .created
             .ok_or_else(|| ApplyError::Unreadable("no integer `created`".into()))?;
-        let (object_type, object_id, object_span) = match head.data.object {
+        let (facts, object_span) = match head.data.object {
             Some(raw) => {
-                let object = event_head::object_head(raw);
                 let start = raw.get().as_ptr() as usize - json.as_ptr() as usize;
                 (
-                    object.object.map(|s| s.into_owned()),
-                    object.id.map(|s| s.into_owned()),
+                    serde_json::from_str::<ObjectFacts<'_>>(raw.get()).unwrap_or_default(),
                     raw.get()
                         .starts_with('{')
                         .then(|| start..start + raw.get().len()),
                 )
             }
-            None => (None, None, None),
+            None => (ObjectFacts::default(), None),
         };
         Ok(Self {
             seq,
@@ -95,9 +103,11 @@ impl Incoming {
             created,
             account: head.account.map(|s| s.into_owned()),
             livemode: head.livemode,
+            object_livemode: facts.livemode,
+            progress: facts.progress,
             api_version: head.api_version.map(|s| s.into_owned()),
-            object_type,
-            object_id,
+            object_type: facts.object.map(Cow::into_owned),
+            object_id: facts.id.map(Cow::into_owned),
             object_span,
             body,
         })
@@ -119,6 +129,114 @@ impl Incoming {
     /// True for `*.deleted` events.
     pub fn is_delete(&self) -> bool {
         self.event_type.ends_with(".deleted")
+    }
+
+    /// Live or test mode of the object: the event's, else the object's, else test. Part of every row's key, so a
+    /// connected account's test data never overwrites its live data.
+    pub fn livemode(&self) -> bool {
+        self.livemode.or(self.object_livemode).unwrap_or(false)
+    }
+
+    /// What kind of write the event is, for ordering within a second.
+    pub fn kind(&self) -> Kind {
+        if self.event_type.ends_with(".created") {
+            Kind::Created
+        } else {
+            Kind::Change
+        }
+    }
+}
+
+/// What the applier reads of `data.object` in the same pass: id, type, livemode and the forward-only fields set.
+/// Fields of unexpected JSON types read as absent.
+#[derive(Debug, Default)]
+struct ObjectFacts<'a> {
+    id: Option<Cow<'a, str>>,
+    object: Option<Cow<'a, str>>,
+    livemode: Option<bool>,
+    progress: u32,
+}
+
+/// A value counted as "set" for [`FORWARD_ONLY`]: a number, a string or `true`; an object counts its set members.
+struct SetCount(u32);
+
+impl<'de> Deserialize<'de> for SetCount {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = SetCount;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<SetCount, E> {
+                Ok(SetCount(u32::from(v)))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<SetCount, E> {
+                Ok(SetCount(1))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<SetCount, E> {
+                Ok(SetCount(1))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<SetCount, E> {
+                Ok(SetCount(1))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<SetCount, E> {
+                Ok(SetCount(1))
+            }
+            fn visit_unit<E>(self) -> Result<SetCount, E> {
+                Ok(SetCount(0))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<SetCount, A::Error> {
+                IgnoredAny.visit_seq(seq).map(|_| SetCount(0))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SetCount, A::Error> {
+                let mut count = 0u32;
+                while map.next_key::<IgnoredAny>()?.is_some() {
+                    count = count.saturating_add(u32::from(map.next_value::<SetCount>()?.0 > 0));
+                }
+                Ok(SetCount(count))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for ObjectFacts<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = ObjectFacts<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut facts = ObjectFacts::default();
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "id" if facts.id.is_none() => facts.id = event_head::lenient(&mut map)?,
+                        "object" if facts.object.is_none() => {
+                            facts.object = event_head::lenient(&mut map)?
+                        }
+                        "livemode" => {
+                            facts.livemode = match map.next_value::<serde_json::Value>()? {
+                                serde_json::Value::Bool(b) => Some(b),
+                                _ => None,
+                            }
+                        }
+                        field if FORWARD_ONLY.contains(&field) => {
+                            facts.progress = facts
+                                .progress
+                                .saturating_add(map.next_value::<SetCount>()?.0);
+                        }
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(facts)
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
     }
 }
 
@@ -174,6 +292,26 @@ mod tests {
             Some(r#"{"id":"cus_1","object":"customer","email":"a@b.c"}"#)
         );
         assert!(e.is_delete());
+    }
+
+    #[test]
+    fn progress_counts_forward_only_fields_that_are_set() {
+        let body = br#"{"id":"evt_1","type":"invoice.paid","created":17,
+            "data":{"object":{"id":"in_1","object":"invoice","livemode":true,"paid":true,"canceled_at":null,
+            "status_transitions":{"finalized_at":16,"paid_at":17,"voided_at":null},"metadata":{"paid_at":"x"}}}}"#;
+        let e = Incoming::parse(1, body).unwrap();
+        assert_eq!(e.progress, 3, "paid, finalized_at, paid_at");
+        assert_eq!(e.object_id.as_deref(), Some("in_1"));
+        assert!(
+            e.livemode(),
+            "the object's livemode when the event has none"
+        );
+        assert_eq!(e.kind(), Kind::Change);
+        let created = Incoming::parse(1, br#"{"id":"e","type":"invoice.created","created":1,"livemode":false,"data":{"object":{"id":"in_1","livemode":true}}}"#).unwrap();
+        assert_eq!(
+            (created.kind(), created.livemode(), created.progress),
+            (Kind::Created, false, 0)
+        );
     }
 
     #[test]

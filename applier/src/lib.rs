@@ -1,20 +1,27 @@
 //! stripe-sync applier: consumes Stripe events from JetStream and applies them to tables in schema `stripe`,
 //! once each, newest state winning, acking only after commit.
 //!
-//! Flow: [`consumer`] pulls a partition → [`worker`] gathers a batch → [`apply`] runs it in one transaction:
-//! [`event`] parsing, [`plan`] (which row wins), [`store`] (all SQL), guided by the [`registry`].
+//! Flow: [`consumer`] pulls a partition → [`worker`] holds its messages and runs batches through [`batch`] under the
+//! [`decision`] policy → [`apply`] writes each batch in one transaction: [`event`] parsing, [`plan`] (rounds of
+//! writes, by [`version`]), [`store`] (all SQL, with the ordering guard), guided by the [`registry`]. The
+//! [`supervisor`] deals partitions among appliers ([`membership`]); [`startup`] builds and runs it all.
 
 pub mod apply;
+pub mod batch;
 pub mod commands;
 pub mod consumer;
 pub mod dead_letter;
+pub mod decision;
 pub mod error;
 pub mod event;
 pub mod membership;
+pub mod migrate;
 pub mod plan;
 pub mod registry;
 pub mod replay;
 pub mod settings;
 pub mod startup;
 pub mod store;
+pub mod supervisor;
+pub mod version;
 pub mod worker;

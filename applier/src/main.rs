@@ -2,10 +2,11 @@
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use stripe_sync_applier::commands;
 use stripe_sync_applier::dead_letter::Redriven;
 use stripe_sync_applier::replay::{Options, Start};
 use stripe_sync_applier::settings::Settings;
-use stripe_sync_applier::{commands, startup};
+use stripe_sync_applier::startup::Application;
 use stripe_sync_shared::{shutdown, telemetry};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -49,8 +50,8 @@ struct ReplayArgs {
     #[arg(long)]
     force: bool,
     /// Events per transaction.
-    #[arg(long, default_value_t = 500)]
-    batch_size: usize,
+    #[arg(long, default_value = "500")]
+    batch_size: std::num::NonZeroUsize,
 }
 
 #[derive(Subcommand)]
@@ -84,58 +85,36 @@ async fn main() -> anyhow::Result<()> {
     let _telemetry = telemetry::init(&settings.telemetry, "stripe-sync-applier")?;
     tracing::debug!(?settings, "settings loaded");
     match cli.command.unwrap_or(Command::Run) {
-        Command::Run => startup::run_until(settings, shutdown::signal()).await,
+        Command::Run => run(settings).await,
         Command::Migrate => {
             commands::migrate(&settings).await?;
             println!("migrations up to date");
             Ok(())
         }
-        Command::Replay(args) => {
-            let start = match (args.from_seq, args.since) {
-                (Some(seq), _) => Start::Sequence(seq),
-                (None, Some(time)) => Start::Time(time),
-                (None, None) => anyhow::bail!("give --from-seq or --since"),
-            };
-            let options = Options {
-                start,
-                until: args.until,
-                force: args.force,
-                batch_size: args.batch_size.max(1),
-            };
-            let summary = commands::replay(&settings, &options).await?;
-            print!("{summary}");
-            anyhow::ensure!(
-                summary.failed.is_empty(),
-                "{} events could not be applied",
-                summary.failed.len()
-            );
-            Ok(())
-        }
+        Command::Replay(args) => replay(&settings, args).await,
         Command::Dlq(DlqCommand::List) => {
-            let letters = commands::dlq_list(&settings).await?;
             println!("EVENT ID\tTYPE\tFAILED AT\tATTEMPTS\tSTREAM SEQ\tERROR");
-            for l in &letters {
+            let count = commands::dlq_list(&settings, |l| {
                 println!(
                     "{}\t{}\t{}\t{}\t{}\t{}",
                     l.event_id, l.event_type, l.failed_at, l.attempts, l.stream_seq, l.error
                 );
-            }
-            eprintln!("{} dead letter(s)", letters.len());
+                Ok(())
+            })
+            .await?;
+            eprintln!("{count} dead letter(s)");
             Ok(())
         }
         Command::Dlq(DlqCommand::Show { event_id }) => {
-            let letters = commands::dlq_list(&settings).await?;
-            let found: Vec<_> = letters.iter().filter(|l| l.event_id == event_id).collect();
+            let found = commands::dlq_show(&settings, &event_id).await?;
             anyhow::ensure!(!found.is_empty(), "no dead letter for event {event_id}");
-            for letter in found {
+            for (letter, payload) in found {
                 for (name, value) in &letter.headers {
                     println!("{name}: {value}");
                 }
-                let body: serde_json::Value = serde_json::from_slice(&letter.payload)
-                    .unwrap_or_else(|_| {
-                        serde_json::Value::String(
-                            String::from_utf8_lossy(&letter.payload).into_owned(),
-                        )
+                let body: serde_json::Value =
+                    serde_json::from_slice(&payload).unwrap_or_else(|_| {
+                        serde_json::Value::String(String::from_utf8_lossy(&payload).into_owned())
                     });
                 println!("\n{}", serde_json::to_string_pretty(&body)?);
             }
@@ -143,26 +122,56 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Dlq(DlqCommand::Redrive { event_id, all }) => {
             let wanted = if all { None } else { event_id.as_deref() };
-            let results = commands::dlq_redrive(&settings, wanted).await?;
-            anyhow::ensure!(!results.is_empty(), "no dead letter to redrive");
-            let mut failed = 0;
-            for (letter, outcome) in &results {
-                match outcome {
+            let (applied, failing) =
+                commands::dlq_redrive(&settings, wanted, |letter, outcome| match outcome {
                     Redriven::Applied => {
                         println!("{}\tapplied, removed from the dead letter", letter.event_id)
                     }
                     Redriven::Failed(error) => {
-                        failed += 1;
-                        println!("{}\tstill failing: {error}", letter.event_id);
+                        println!("{}\tstill failing: {error}", letter.event_id)
                     }
-                }
-            }
-            println!(
-                "{} redriven, {failed} still failing",
-                results.len() - failed
-            );
-            anyhow::ensure!(failed == 0, "{failed} dead letter(s) still failing");
+                })
+                .await?;
+            anyhow::ensure!(applied + failing > 0, "no dead letter to redrive");
+            println!("{applied} redriven, {failing} still failing");
+            anyhow::ensure!(failing == 0, "{failing} dead letter(s) still failing");
             Ok(())
         }
     }
+}
+
+/// Builds the applier (waiting for Postgres and NATS) and runs it, both until SIGTERM: a signal while waiting for
+/// a dependency ends the process at once, with status 0.
+async fn run(settings: Settings) -> anyhow::Result<()> {
+    let mut shutdown = Box::pin(shutdown::signal());
+    let app = tokio::select! {
+        app = Application::build(settings) => app?,
+        () = &mut shutdown => {
+            tracing::info!("stopped before Postgres and NATS were ready");
+            return Ok(());
+        }
+    };
+    app.run_until_stopped(shutdown).await
+}
+
+async fn replay(settings: &Settings, args: ReplayArgs) -> anyhow::Result<()> {
+    let start = match (args.from_seq, args.since) {
+        (Some(seq), _) => Start::Sequence(seq),
+        (None, Some(time)) => Start::Time(time),
+        (None, None) => anyhow::bail!("give --from-seq or --since"),
+    };
+    let options = Options {
+        start,
+        until: args.until,
+        force: args.force,
+        batch_size: args.batch_size,
+    };
+    let summary = commands::replay(settings, &options).await?;
+    print!("{summary}");
+    anyhow::ensure!(
+        summary.failed.is_empty(),
+        "{} events could not be applied",
+        summary.failed.len()
+    );
+    Ok(())
 }

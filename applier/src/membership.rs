@@ -5,16 +5,19 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
 use async_nats::jetstream::{self, kv, stream::StorageType};
 use futures::TryStreamExt;
 
 /// This applier's entry in the members bucket.
+#[derive(Debug)]
 pub struct Membership {
     store: kv::Store,
     me: String,
 }
 
 /// Name of the members bucket of a stream.
+#[must_use]
 pub fn bucket_name(stream: &str) -> String {
     format!("{stream}_appliers")
 }
@@ -36,7 +39,7 @@ impl Membership {
                 ..Default::default()
             })
             .await
-            .map_err(|e| anyhow::anyhow!("creating the appliers bucket: {e}"))?;
+            .context("creating the appliers bucket")?;
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "applier".into());
         let host: String = host
             .chars()
@@ -55,6 +58,7 @@ impl Membership {
     }
 
     /// This applier's member id.
+    #[must_use]
     pub fn id(&self) -> &str {
         &self.me
     }
@@ -65,21 +69,14 @@ impl Membership {
         self.store
             .put(&self.me, value.into())
             .await
-            .map_err(|e| anyhow::anyhow!("renewing membership: {e}"))?;
+            .context("renewing membership")?;
         Ok(())
     }
 
     /// The live members, sorted.
     pub async fn members(&self) -> anyhow::Result<Vec<String>> {
-        let keys = self
-            .store
-            .keys()
-            .await
-            .map_err(|e| anyhow::anyhow!("listing members: {e}"))?;
-        let mut members: Vec<String> = keys
-            .try_collect()
-            .await
-            .map_err(|e| anyhow::anyhow!("listing members: {e}"))?;
+        let keys = self.store.keys().await.context("listing members")?;
+        let mut members: Vec<String> = keys.try_collect().await.context("listing members")?;
         members.sort();
         Ok(members)
     }
@@ -103,6 +100,7 @@ fn nuid_suffix() -> String {
 /// The partitions `me` works: partition `p` goes to the `p mod n`-th of the `n` sorted members. Every applier
 /// computes the same deal from the same members, each gets `partitions / n` or one more. An applier not (yet) in the
 /// list works nothing.
+#[must_use]
 pub fn owned(partitions: u32, members: &[String], me: &str) -> Vec<u32> {
     match members.iter().position(|m| m == me) {
         Some(rank) => (0..partitions)

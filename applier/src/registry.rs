@@ -150,16 +150,19 @@ impl Registry {
     }
 
     /// Spec of an object type, if it has a table.
+    #[must_use]
     pub fn get(&self, object_type: &str) -> Option<&ObjectSpec> {
         self.by_type.get(object_type).map(|&i| &self.objects[i])
     }
 
     /// Position of an object type in the registry (a stable order for statements).
+    #[must_use]
     pub fn index_of(&self, object_type: &str) -> Option<usize> {
         self.by_type.get(object_type).copied()
     }
 
     /// Every object spec, in file order.
+    #[must_use]
     pub fn objects(&self) -> &[ObjectSpec] {
         &self.objects
     }
@@ -173,6 +176,7 @@ impl Registry {
     }
 
     /// Object types deliberately kept only in `stripe.events`.
+    #[must_use]
     pub fn skipped(&self) -> &[Skipped] {
         &self.skipped
     }

@@ -8,8 +8,11 @@ use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
 use async_nats::jetstream::stream::Stream;
 use futures::StreamExt;
 use time::OffsetDateTime;
+use tokio::sync::watch;
 
-use crate::apply::{Applier, Mode, Report};
+use crate::apply::{Applier, Forced, Report, Writer};
+use crate::batch::{self, Settled};
+use crate::decision::Policy;
 use crate::event::Incoming;
 
 /// Where a replay starts.
@@ -31,7 +34,7 @@ pub struct Options {
     /// Re-apply events already recorded.
     pub force: bool,
     /// Events per transaction.
-    pub batch_size: usize,
+    pub batch_size: std::num::NonZeroUsize,
 }
 
 /// What a replay did.
@@ -80,10 +83,26 @@ impl std::fmt::Display for Summary {
     }
 }
 
-/// Replays `stream` into the database through `applier`.
+/// Replays `stream` (of epoch `epoch`) into the database through `applier`, under the retry policy.
 pub async fn replay(
     stream: &Stream,
     applier: &Applier,
+    policy: &Policy,
+    epoch: i32,
+    options: &Options,
+) -> anyhow::Result<Summary> {
+    if options.force {
+        run(stream, &Forced(applier), policy, epoch, options).await
+    } else {
+        run(stream, applier, policy, epoch, options).await
+    }
+}
+
+async fn run<W: Writer>(
+    stream: &Stream,
+    writer: &W,
+    policy: &Policy,
+    epoch: i32,
     options: &Options,
 ) -> anyhow::Result<Summary> {
     let started = Instant::now();
@@ -103,71 +122,56 @@ pub async fn replay(
             ..Default::default()
         })
         .await?;
-    if consumer.info().await?.num_pending == 0 {
-        summary.elapsed = started.elapsed();
-        return Ok(summary);
-    }
-    let mut messages = consumer.messages().await?;
-    let mode = if options.force {
-        Mode::Force
-    } else {
-        Mode::Normal
-    };
-    let mut batch: Vec<Incoming> = Vec::with_capacity(options.batch_size);
-    while let Some(message) = messages.next().await {
-        let message = message?;
-        let info = message
-            .info()
-            .map_err(|e| anyhow::anyhow!("message info: {e}"))?;
-        let (seq, pending, published) = (info.stream_sequence, info.pending, info.published);
-        if options.until.is_some_and(|until| published > until) {
-            break;
+    if consumer.info().await?.num_pending > 0 {
+        let mut messages = consumer.messages().await?;
+        let mut batch: Vec<Incoming> = Vec::with_capacity(options.batch_size.get());
+        while let Some(message) = messages.next().await {
+            let message = message?;
+            let info = message
+                .info()
+                .map_err(|e| anyhow::anyhow!("reading a message's stream info: {e}"))?;
+            let (seq, pending, published) = (info.stream_sequence, info.pending, info.published);
+            if options.until.is_some_and(|until| published > until) {
+                break;
+            }
+            summary.read += 1;
+            summary.sequences = Some((summary.sequences.map_or(seq, |(first, _)| first), seq));
+            match Incoming::from_bytes(crate::store::order_of(epoch, seq), message.payload.clone())
+            {
+                Ok(event) => batch.push(event),
+                Err(err) => summary.failed.push((seq, "?".into(), err.to_string())),
+            }
+            if batch.len() >= options.batch_size.get() {
+                apply_batch(writer, policy, std::mem::take(&mut batch), &mut summary).await;
+            }
+            if pending == 0 || seq >= last {
+                break;
+            }
         }
-        summary.read += 1;
-        summary.sequences = Some((summary.sequences.map_or(seq, |(first, _)| first), seq));
-        match Incoming::from_bytes(seq, message.payload.clone()) {
-            Ok(event) => batch.push(event),
-            Err(err) => summary.failed.push((seq, "?".into(), err.to_string())),
-        }
-        let done = pending == 0 || seq >= last;
-        if batch.len() >= options.batch_size || done {
-            apply_batch(applier, std::mem::take(&mut batch), mode, &mut summary).await?;
-        }
-        if done {
-            break;
-        }
+        // The tail: fewer events than a batch, or the events before `--until`.
+        apply_batch(writer, policy, batch, &mut summary).await;
     }
     summary.elapsed = started.elapsed();
     Ok(summary)
 }
 
-async fn apply_batch(
-    applier: &Applier,
+async fn apply_batch<W: Writer>(
+    writer: &W,
+    policy: &Policy,
     batch: Vec<Incoming>,
-    mode: Mode,
     summary: &mut Summary,
-) -> anyhow::Result<()> {
+) {
     if batch.is_empty() {
-        return Ok(());
+        return;
     }
-    match applier.apply_retrying(&batch, mode).await {
-        Ok(report) => add(summary, &report),
-        Err(_) => {
-            // One event is rejected for good: apply the others on their own and report it.
-            for event in batch {
-                match applier
-                    .apply_retrying(std::slice::from_ref(&event), mode)
-                    .await
-                {
-                    Ok(report) => add(summary, &report),
-                    Err(err) => summary
-                        .failed
-                        .push((event.seq, event.id.clone(), err.detail())),
-                }
-            }
+    let (_never, mut stop) = watch::channel(false);
+    let (settled, report) = batch::apply(writer, policy, &batch, &mut stop).await;
+    add(summary, &report);
+    for (event, outcome) in batch.iter().zip(settled) {
+        if let Settled::Failed { error, .. } = outcome {
+            summary.failed.push((event.seq, event.id.clone(), error));
         }
     }
-    Ok(())
 }
 
 fn add(summary: &mut Summary, report: &Report) {

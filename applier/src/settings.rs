@@ -1,13 +1,14 @@
 //! Applier settings: database, consuming (batching, acks, pinning), retries and dead letters, plus the shared
 //! sections.
 
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
 use secrecy::SecretString;
 use serde::Deserialize;
 use stripe_sync_shared::ConfigError;
 use stripe_sync_shared::settings::{
-    self, NatsSettings, PlainEnv, StreamSettings, TelemetrySettings,
+    self, NatsSettings, PlainEnv, StreamSettings, TelemetrySettings, positive_duration,
 };
 
 /// Plain environment names the applier honours, besides the shared ones.
@@ -45,12 +46,24 @@ pub struct Settings {
 impl Settings {
     /// Loads settings from the process environment (and the file it names, if any).
     pub fn load() -> Result<Self, ConfigError> {
-        settings::load_from_process_env(PLAIN_ENV)
+        settings::load_from_process_env::<Self>(PLAIN_ENV)?.checked()
     }
 
     /// Loads settings from a given environment map (tests, the compose-file check).
     pub fn load_from(env: &std::collections::HashMap<String, String>) -> Result<Self, ConfigError> {
-        settings::load(env, PLAIN_ENV)
+        settings::load::<Self>(env, PLAIN_ENV)?.checked()
+    }
+
+    /// Refuses combinations that can't work, naming the settings.
+    fn checked(self) -> Result<Self, ConfigError> {
+        let a = &self.applier;
+        if a.retry_initial > a.retry_max {
+            return Err(ConfigError::Message(format!(
+                "applier.retry_initial ({:?}) must not exceed applier.retry_max ({:?})",
+                a.retry_initial, a.retry_max
+            )));
+        }
+        Ok(self)
     }
 }
 
@@ -60,10 +73,11 @@ impl Settings {
 pub struct DatabaseSettings {
     /// Connection URL (`DATABASE_URL`).
     pub url: SecretString,
-    /// Pool size. Each partition worker holds at most one connection at a time.
-    pub max_connections: u32,
+    /// Pool size, and how many batches one applier applies at once. Each partition worker holds at most one
+    /// connection at a time.
+    pub max_connections: NonZeroU32,
     /// How long to wait for a pooled connection before counting it as a (transient) failure.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "positive_duration")]
     pub acquire_timeout: Duration,
     /// Run the migrations at start (otherwise run `stripe-sync-applier migrate` yourself).
     pub run_migrations: bool,
@@ -73,7 +87,7 @@ impl Default for DatabaseSettings {
     fn default() -> Self {
         Self {
             url: SecretString::from("postgres://postgres@127.0.0.1:5432/postgres"),
-            max_connections: 4,
+            max_connections: NonZeroU32::new(4).unwrap_or(NonZeroU32::MIN),
             acquire_timeout: Duration::from_secs(5),
             run_migrations: true,
         }
@@ -90,28 +104,34 @@ pub struct ApplierSettings {
     /// Durable consumer names are `<consumer_prefix>-p<partition>`.
     pub consumer_prefix: String,
     /// Most events applied in one transaction.
-    pub batch_size: usize,
+    pub batch_size: NonZeroUsize,
     /// Longest wait for a batch to fill once its first event is in.
     #[serde(with = "humantime_serde")]
     pub batch_wait: Duration,
-    /// How long JetStream waits for an ack before redelivering; the applier extends it while it retries.
-    #[serde(with = "humantime_serde")]
+    /// How long JetStream waits for an ack before redelivering; the applier extends it for every message it holds
+    /// (applying, retrying, parked) three times per `ack_wait`.
+    #[serde(with = "positive_duration")]
     pub ack_wait: Duration,
     /// How long a partition stays pinned to an applier that stopped pulling, before another one takes it over.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "positive_duration")]
     pub pin_timeout: Duration,
     /// An applier that has not renewed its membership for this long counts as gone, and its partitions are dealt
     /// to the others. With `pin_timeout` and `ack_wait`, this bounds the failover time.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "positive_duration")]
     pub member_ttl: Duration,
     /// A permanently failing event (a constraint or trigger rejects it, an unreadable payload) goes to the dead
     /// letter after this many attempts.
-    pub dead_letter_after: u32,
+    pub dead_letter_after: NonZeroU32,
+    /// An event failing with an error that usually passes (a statement or lock timeout, a serialization failure, a
+    /// deadlock, a column changing under the applier) is retried at least this long (and `dead_letter_after` times)
+    /// before it goes to the dead letter, so a partition never stalls forever on it.
+    #[serde(with = "positive_duration")]
+    pub give_up_after: Duration,
     /// First wait before retrying; doubles (with jitter) up to `retry_max`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "positive_duration")]
     pub retry_initial: Duration,
-    /// Longest wait between retries of a transient failure (database down...), which retry without limit.
-    #[serde(with = "humantime_serde")]
+    /// Longest wait between retries. Database outages retry without limit.
+    #[serde(with = "positive_duration")]
     pub retry_max: Duration,
 }
 
@@ -120,14 +140,52 @@ impl Default for ApplierSettings {
         Self {
             account_id: "platform".into(),
             consumer_prefix: "stripe-sync-applier".into(),
-            batch_size: 500,
+            batch_size: NonZeroUsize::new(500).unwrap_or(NonZeroUsize::MIN),
             batch_wait: Duration::from_millis(10),
             ack_wait: Duration::from_secs(10),
             pin_timeout: Duration::from_secs(6),
             member_ttl: Duration::from_secs(6),
-            dead_letter_after: 5,
+            dead_letter_after: NonZeroU32::new(5).unwrap_or(NonZeroU32::MIN),
+            give_up_after: Duration::from_secs(600),
             retry_initial: Duration::from_millis(500),
             retry_max: Duration::from_secs(30),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        Settings::load_from(
+            &pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn settings_that_cannot_work_are_refused_at_start_naming_the_setting() {
+        for (var, value) in [
+            ("STRIPE_SYNC__APPLIER__ACK_WAIT", "0s"),
+            ("STRIPE_SYNC__APPLIER__PIN_TIMEOUT", "0ms"),
+            ("STRIPE_SYNC__APPLIER__BATCH_SIZE", "0"),
+            ("STRIPE_SYNC__APPLIER__DEAD_LETTER_AFTER", "0"),
+            ("STRIPE_SYNC__DATABASE__MAX_CONNECTIONS", "0"),
+        ] {
+            let err = load(&[(var, value)]).unwrap_err().to_string();
+            let field = var.rsplit("__").next().unwrap().to_lowercase();
+            assert!(err.contains(&field), "{var}={value}: {err}");
+        }
+        let err = load(&[
+            ("STRIPE_SYNC__APPLIER__RETRY_INITIAL", "1m"),
+            ("STRIPE_SYNC__APPLIER__RETRY_MAX", "1s"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("retry_initial"), "{err}");
+        assert!(load(&[("STRIPE_SYNC__APPLIER__ACK_WAIT", "1s")]).is_ok());
     }
 }

@@ -1,6 +1,6 @@
-//! The only SQL of the applier. One statement template per table, built at start from the registry and the tables'
-//! columns as the database has them: insert the batch's events (the dedupe), upsert each table's rows under the
-//! ordering guard, and replace embedded lists.
+//! The only SQL of the applier. Statement templates per table, built at start from the registry and the tables'
+//! columns as the database has them: record the batch's events (the dedupe), upsert each table's rows under the
+//! ordering guard, flag rows a bare same-second tie decided, and keep embedded lists.
 //!
 //! Typed columns (`email`, `amount`...) are filled in the same statement from the object's JSON, by column type,
 //! through the `stripe.j_*` functions that never fail (migrations/0001). They are read from the catalog, so a column
@@ -8,7 +8,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row};
+use sqlx::postgres::PgArguments;
+use sqlx::query::Query;
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row};
 
 use crate::event::Incoming;
 use crate::plan::ObjectRow;
@@ -17,31 +19,78 @@ use crate::registry::{ChildList, Key, ObjectSpec, Registry};
 /// The migrations in `migrations/`, embedded.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
-/// Runs pending migrations (safe to run from several processes at once: sqlx takes an advisory lock).
-pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    MIGRATOR.run(pool).await
+/// The ordering guard, the one place the rule is written: does the write `new` replace the row `old` (table
+/// aliases with the ordering columns)? A newer `(created, rank)` wins; equal ones go to `stripe.tie_break` (the
+/// events' `previous_attributes`, then stream order). Mirrors the derived order of [`crate::version::Version`].
+#[must_use]
+pub fn newer(new: &str, old: &str) -> String {
+    format!(
+        "case when ({new}._last_event_created, {new}._last_event_rank) \
+                   is distinct from ({old}._last_event_created, {old}._last_event_rank) \
+              then ({new}._last_event_created, {new}._last_event_rank) \
+                   > ({old}._last_event_created, {old}._last_event_rank) \
+              else stripe.tie_break({old}._account_id, {new}._last_event_id, {new}._last_event_seq, \
+                                    {old}._last_event_id, {old}._last_event_seq) > 0 end"
+    )
 }
 
-/// The SQL rule "does the incoming row replace the stored one" (table alias `t`), mirror of [`crate::plan::supersedes`].
-pub const GUARD: &str = "(excluded._last_event_created, excluded.deleted, excluded._last_event_seq) \
-    >= (t._last_event_created, t.deleted, t._last_event_seq)";
+/// True when the write `new` replaced `old` on stream order only: same version, and the payloads could not order
+/// them. Such rows get `_ambiguous`, for the API side to read again.
+fn bare_tie(new: &str, old: &str) -> String {
+    format!(
+        "({new}._last_event_created, {new}._last_event_rank) = ({old}._last_event_created, {old}._last_event_rank) \
+         and abs(stripe.tie_break({old}._account_id, {new}._last_event_id, {new}._last_event_seq, \
+                                  {old}._last_event_id, {old}._last_event_seq)) = 1"
+    )
+}
 
-/// One event's object by primary key, for a LATERAL join. `limit 1` keeps the planner from turning the lookup into a
-/// hash join over the whole table when it guesses the batch is large (a sequential scan per batch, growing with the
-/// table).
-const LOOKUP_EVENT: &str = "select e._raw_data -> 'data' -> 'object' as object from stripe.events e \
-    where e._account_id = u.a and e.id = u.e limit 1";
+/// The writes of a statement, bound as arrays `$1..$8` and read back as the relation `w` with these columns.
+const WRITES: &str = "unnest($1::text[], $2::bool[], $3::text[], $4::bool[], $5::text[], $6::int8[], $7::int4[], \
+    $8::int8[]) as w(account, livemode, id, deleted, event_id, created, rank, seq)";
 
-/// The `do update set` of a row's state and ordering fields (typed columns are added per table).
-pub const SET_STATE: &str = "_raw_data = excluded._raw_data, livemode = excluded.livemode, deleted = excluded.deleted, \
-    _last_event_id = excluded._last_event_id, _last_event_created = excluded._last_event_created, \
-    _last_event_seq = excluded._last_event_seq, _updated_at = now()";
+/// [`WRITES`] with `$9`: whether each write became its row's state (`won`).
+const WRITES_WON: &str = "unnest($1::text[], $2::bool[], $3::text[], $4::bool[], $5::text[], $6::int8[], \
+    $7::int4[], $8::int8[], $9::bool[]) as w(account, livemode, id, deleted, event_id, created, rank, seq, won)";
 
-/// Statements of one table: its upsert and the replacement of each list it embeds.
+/// Binds rows as [`WRITES`] expects them.
+fn bind_writes<'q>(
+    query: Query<'q, Postgres, PgArguments>,
+    rows: &'q [ObjectRow<'_>],
+) -> Query<'q, Postgres, PgArguments> {
+    query
+        .bind(rows.iter().map(|r| r.account).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.livemode).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.id.as_ref()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.deleted).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.event_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.version.created).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.version.rank.get())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|r| r.seq).collect::<Vec<_>>())
+}
+
+/// The object a write carries, read from its event as just recorded (same transaction): Postgres parses each
+/// event's JSON once. `limit 1` keeps the planner from a hash join over the whole events table.
+const EVENT_OBJECT: &str = "select e._raw_data -> 'data' -> 'object' as object from stripe.events e \
+    where e._account_id = w.account and e.id = w.event_id limit 1";
+
+/// The ordering columns and the row's state, as `insert` names them.
+pub const STATE_COLUMNS: &str =
+    "deleted, _last_event_id, _last_event_created, _last_event_rank, _last_event_seq, _raw_data";
+/// The same, as `do update set` takes them over from `excluded`.
+pub const SET_STATE: &str = "deleted = excluded.deleted, _last_event_id = excluded._last_event_id, \
+    _last_event_created = excluded._last_event_created, _last_event_rank = excluded._last_event_rank, \
+    _last_event_seq = excluded._last_event_seq, _raw_data = excluded._raw_data, _updated_at = now()";
+
+/// Statements of one table.
 #[derive(Debug)]
 pub struct TableStatements {
     upsert: String,
-    children: Vec<String>,
+    tie_losers: String,
+    lists: Vec<String>,
     columns: Vec<TypedColumn>,
 }
 
@@ -63,7 +112,7 @@ const TYPED_COLUMNS: &str = "select c.relname::text, a.attname::text, format_typ
       and format_type(a.atttypid, null) in ('text', 'bigint', 'numeric', 'boolean', 'jsonb') \
     order by c.relname, a.attnum";
 
-/// A typed column: its name and the expression reading it from the JSON object `source`.
+/// A typed column: its name and type.
 #[derive(Debug, Clone)]
 struct TypedColumn {
     name: String,
@@ -75,6 +124,7 @@ impl TypedColumn {
         format!("\"{}\"", self.name.replace('"', "\"\""))
     }
 
+    /// The expression reading this column from the JSON object `source`.
     fn read_from(&self, source: &str) -> String {
         let key = format!("'{}'", self.name.replace('\'', "''"));
         match self.data_type.as_str() {
@@ -87,17 +137,26 @@ impl TypedColumn {
     }
 }
 
-/// `(, "a", "b")`, `(, <a from source>, <b from source>)` and `(, "a" = excluded."a", ...)` for a table's columns.
-fn typed_parts(columns: &[TypedColumn], source: &str) -> (String, String, String) {
-    let mut names = String::new();
-    let mut values = String::new();
-    let mut sets = String::new();
+/// A table's typed columns as `, "a", "b"`, their values read from `source` as `, <a>, <b>`, and
+/// `, "a" = excluded."a", ...`.
+struct Typed {
+    names: String,
+    values: String,
+    sets: String,
+}
+
+fn typed(columns: &[TypedColumn], source: &str) -> Typed {
+    let mut out = Typed {
+        names: String::new(),
+        values: String::new(),
+        sets: String::new(),
+    };
     for c in columns {
-        names += &format!(", {}", c.ident());
-        values += &format!(", {}", c.read_from(source));
-        sets += &format!(", {0} = excluded.{0}", c.ident());
+        out.names += &format!(", {}", c.ident());
+        out.values += &format!(", {}", c.read_from(source));
+        out.sets += &format!(", {0} = excluded.{0}", c.ident());
     }
-    (names, values, sets)
+    out
 }
 
 impl Statements {
@@ -121,114 +180,169 @@ impl Statements {
             .iter()
             .map(|spec| TableStatements {
                 upsert: upsert_sql(spec, of(&spec.table)),
-                children: registry
+                tie_losers: tie_losers_sql(spec),
+                lists: registry
                     .children_of(&spec.object_type)
                     .iter()
-                    .map(|c| children_sql(spec, c, of(&c.child.table)))
+                    .map(|c| list_sql(spec, c, of(&c.child.table)))
                     .collect(),
                 columns: of(&spec.table).clone(),
             })
             .collect();
         Ok(Self { tables })
     }
-}
 
-impl Statements {
     /// For other writers of the same rows (the benchmark's ceiling): the typed columns of table `index` as
     /// `, "a", "b"`, their values read from the JSON object `source` as `, <a>, <b>`, and `, "a" = excluded."a"...`.
+    #[must_use]
     pub fn typed_columns(&self, index: usize, source: &str) -> (String, String, String) {
-        typed_parts(&self.tables[index].columns, source)
+        let t = typed(&self.tables[index].columns, source);
+        (t.names, t.values, t.sets)
+    }
+}
+
+/// The conflict target of a table: its primary key (an owned list's items are keyed within their parent).
+fn key_columns(owned_child: bool) -> &'static str {
+    if owned_child {
+        "_account_id, livemode, _parent_id, id"
+    } else {
+        "_account_id, livemode, id"
     }
 }
 
 fn upsert_sql(spec: &ObjectSpec, columns: &[TypedColumn]) -> String {
-    let (names, values, sets) = typed_parts(columns, "ev.object");
-    let conflict = match spec.key {
-        Key::Object | Key::Account | Key::Field => {
-            format!("do update set {SET_STATE}{sets} where {GUARD}")
-        }
+    let t = typed(columns, "ev.object");
+    let on_conflict = match spec.key {
         Key::Event => "do nothing".to_owned(),
+        Key::Object | Key::Account | Key::Field => format!(
+            "do update set {SET_STATE}, _ambiguous = {tie}{sets} where {guard}",
+            tie = bare_tie("excluded", "t"),
+            sets = t.sets,
+            guard = newer("excluded", "t"),
+        ),
     };
-    // The object is read from the event just recorded in stripe.events (same transaction): Postgres parses each
-    // event's JSON once, not once for the event and again for its object.
     format!(
-        "insert into stripe.\"{table}\" as t \
-           (_account_id, id, _raw_data, livemode, deleted, _last_event_id, _last_event_created, _last_event_seq{names}) \
-         select u.a, u.i, ev.object, u.l, u.d, u.e, u.c, u.s{values} \
-         from unnest($1::text[], $2::text[], $3::bool[], $4::bool[], $5::text[], $6::int8[], $7::int8[]) \
-           as u(a, i, l, d, e, c, s) \
-         cross join lateral ({LOOKUP_EVENT}) ev \
-         on conflict (_account_id, id) {conflict} \
-         returning _account_id, id",
+        "insert into stripe.\"{table}\" as t (_account_id, livemode, id, {STATE_COLUMNS}{names}) \
+         select w.account, w.livemode, w.id, w.deleted, w.event_id, w.created, w.rank, w.seq, ev.object{values} \
+         from {WRITES} cross join lateral ({EVENT_OBJECT}) ev \
+         on conflict ({key}) {on_conflict} \
+         returning _account_id, livemode, id, _ambiguous",
+        table = spec.table,
+        key = key_columns(false),
+        names = t.names,
+        values = t.values,
+    )
+}
+
+/// Flags rows that kept their state over a write of the same version on stream order only (a bare tie lost by the
+/// newcomer): they are as ambiguous as rows a bare tie gave a new state.
+fn tie_losers_sql(spec: &ObjectSpec) -> String {
+    format!(
+        "update stripe.\"{table}\" as t set _ambiguous = true, _updated_at = now() \
+         from {WRITES} \
+         where t._account_id = w.account and t.livemode = w.livemode and t.id = w.id and not t._ambiguous \
+           and (t._last_event_created, t._last_event_rank) = (w.created, w.rank) \
+           and stripe.tie_break(t._account_id, w.event_id, w.seq, t._last_event_id, t._last_event_seq) = -1",
         table = spec.table
     )
 }
 
-/// Replaces the list `child.field` of the given (just applied) parents: upserts every item under the same guard,
-/// marks owned items missing from a complete list as deleted, and records lists Stripe cut short (`has_more`).
-fn children_sql(parent: &ObjectSpec, child: &ChildList, columns: &[TypedColumn]) -> String {
+/// Keeps the embedded list `child.field` of a round of parent writes ([`WRITES_WON`]: each write, won or not, and
+/// whether it became the parent's state).
+///
+/// - Every write's list adds or updates its items, each under the guard with the parent write's version, so an
+///   item's data comes from the newest parent state that names it, whatever order states arrive in.
+/// - An owned item is `deleted` exactly when the parent's current state is a tombstone, or names a complete list
+///   without it. A removal is not a tombstone: it changes no version, and the item comes back if a newer state
+///   names it. Items missing from a list Stripe cut short (`has_more`), or from a parent whose payload lacks the
+///   list (charges' `refunds` since API version 2022-11-15), are not known to be gone.
+/// - `stripe.incomplete_lists` records the parents whose current list is cut short, and forgets those whose
+///   current list is complete; a parent without the list changes neither.
+fn list_sql(parent: &ObjectSpec, child: &ChildList, columns: &[TypedColumn]) -> String {
     let (parent_table, child_table, field) = (&parent.table, &child.child.table, &child.field);
-    let (names, values, sets) = typed_parts(columns, "item");
-    let (parent_col, parent_val, parent_set) = if child.owned {
+    let t = typed(columns, "i.item");
+    let complete = |list: &str| {
+        format!(
+            "(jsonb_typeof({list} -> 'data') is not distinct from 'array' \
+              and {list} -> 'has_more' is distinct from 'true'::jsonb)"
+        )
+    };
+    let names = |list: &str, id: &str| {
+        format!(
+            "exists (select 1 from jsonb_array_elements({list} -> 'data') as named where named ->> 'id' = {id})"
+        )
+    };
+    let (parent_column, parent_value, item_key, item_deleted, flagged) = if child.owned {
+        let gone_unnamed = format!("(p.parent_deleted or {})", complete("p.current_list"));
         (
             "_parent_id, ",
-            "pid, ",
-            "_parent_id = excluded._parent_id, ",
+            "i.id, ",
+            "p.account, p.livemode, p.id, item ->> 'id'",
+            format!(
+                "(i.parent_deleted or ({} and not {}))",
+                complete("i.current_list"),
+                names("i.current_list", "i.item ->> 'id'")
+            ),
+            format!(
+                "update stripe.\"{child_table}\" as t set deleted = {gone_unnamed}, _updated_at = now() \
+                 from parents p \
+                 where p.won and t._account_id = p.account and t.livemode = p.livemode and t._parent_id = p.id \
+                   and not {named} and t.deleted is distinct from {gone_unnamed} \
+                 returning 1",
+                named = names("p.current_list", "t.id"),
+            ),
         )
     } else {
-        ("", "", "")
-    };
-    let removed = if child.owned {
-        format!(
-            ", removed as ( \
-               update stripe.\"{child_table}\" t set deleted = true, _last_event_id = p.ev, \
-                 _last_event_created = p.c, _last_event_seq = p.s, _updated_at = now() \
-               from parents p \
-               where t._account_id = p.acc and t._parent_id = p.pid and not t.deleted \
-                 and jsonb_typeof(p.list -> 'data') = 'array' \
-                 and p.list -> 'has_more' is distinct from 'true'::jsonb \
-                 and not exists (select 1 from items i where i.acc = t._account_id and i.item ->> 'id' = t.id) \
-                 and (p.c, true, p.s) >= (t._last_event_created, t.deleted, t._last_event_seq) \
-               returning 1)"
+        (
+            "",
+            "",
+            "p.account, p.livemode, item ->> 'id'",
+            "i.parent_deleted".to_owned(),
+            "select 1 where false".to_owned(),
         )
-    } else {
-        ", removed as (select 1 where false)".to_owned()
     };
     format!(
         "with parents as ( \
-           select p.* from unnest($1::text[], $2::text[]) as k(a, i) \
-           cross join lateral ( \
-             select p._account_id as acc, p.id as pid, p._raw_data -> '{field}' as list, p.livemode, p.deleted, \
-               p._last_event_id as ev, p._last_event_created as c, p._last_event_seq as s \
-             from stripe.\"{parent_table}\" p where p._account_id = k.a and p.id = k.i limit 1) p), \
+           select w.*, ev.object -> '{field}' as list, cur.list as current_list, cur.deleted as parent_deleted \
+           from {WRITES_WON} cross join lateral ({EVENT_OBJECT}) ev \
+           cross join lateral (select p._raw_data -> '{field}' as list, p.deleted from stripe.\"{parent_table}\" p \
+             where p._account_id = w.account and p.livemode = w.livemode and p.id = w.id limit 1) cur), \
          items as ( \
-           select distinct on (p.acc, item ->> 'id') p.*, item \
+           select distinct on ({item_key}) p.*, item \
            from parents p cross join lateral jsonb_array_elements( \
              case when jsonb_typeof(p.list -> 'data') = 'array' then p.list -> 'data' else '[]'::jsonb end) as item \
            where jsonb_typeof(item -> 'id') = 'string' \
-           order by p.acc, item ->> 'id'), \
+           order by {item_key}, p.created desc, p.rank desc, p.seq desc), \
          upserted as ( \
-           insert into stripe.\"{child_table}\" as t (_account_id, id, {parent_col}_raw_data, livemode, deleted, \
-             _last_event_id, _last_event_created, _last_event_seq{names}) \
-           select acc, item ->> 'id', {parent_val}item, livemode, deleted, ev, c, s{values} from items \
-           on conflict (_account_id, id) do update set {parent_set}{SET_STATE}{sets} where {GUARD} \
-           returning 1) \
-         {removed}, \
+           insert into stripe.\"{child_table}\" as t (_account_id, livemode, id, {parent_column}{STATE_COLUMNS}{names}) \
+           select i.account, i.livemode, i.item ->> 'id', {parent_value}{item_deleted}, i.event_id, i.created, i.rank, \
+             i.seq, i.item{values} \
+           from items i \
+           on conflict ({key}) do update set {SET_STATE}{sets} where {guard} \
+           returning 1), \
+         flagged as ({flagged}), \
          marked as ( \
-           insert into stripe.incomplete_lists (_account_id, parent_table, parent_id, field, child_table, total_count, url) \
-           select acc, '{parent_table}', pid, '{field}', '{child_table}', stripe.j_bigint(list -> 'total_count'), \
-             list ->> 'url' \
-           from parents where list -> 'has_more' = 'true'::jsonb \
-           on conflict (_account_id, parent_table, parent_id, field) do update \
+           insert into stripe.incomplete_lists \
+             (_account_id, livemode, parent_table, parent_id, field, child_table, total_count, url) \
+           select account, livemode, '{parent_table}', id, '{field}', '{child_table}', \
+             stripe.j_bigint(current_list -> 'total_count'), current_list ->> 'url' \
+           from parents where won and current_list -> 'has_more' = 'true'::jsonb \
+           on conflict (_account_id, livemode, parent_table, parent_id, field) do update \
              set total_count = excluded.total_count, url = excluded.url, _updated_at = now() \
            returning 1), \
          cleared as ( \
            delete from stripe.incomplete_lists l using parents p \
-           where l._account_id = p.acc and l.parent_table = '{parent_table}' and l.parent_id = p.pid \
-             and l.field = '{field}' and p.list -> 'has_more' is distinct from 'true'::jsonb \
+           where p.won and l._account_id = p.account and l.livemode = p.livemode \
+             and l.parent_table = '{parent_table}' and l.parent_id = p.id and l.field = '{field}' and {current_complete} \
            returning 1) \
-         select (select count(*) from upserted) as upserted, (select count(*) from removed) as removed, \
-           (select count(*) from marked) as marked, (select count(*) from cleared) as cleared"
+         select (select count(*) from upserted) as upserted, (select count(*) from flagged) as flagged, \
+           (select count(*) from marked) as marked, (select count(*) from cleared) as cleared",
+        key = key_columns(child.owned),
+        current_complete = complete("p.current_list"),
+        names = t.names,
+        values = t.values,
+        sets = t.sets,
+        guard = newer("excluded", "t"),
     )
 }
 
@@ -238,47 +352,32 @@ pub async fn insert_events(
     events: &[&Incoming],
     platform_account: &str,
 ) -> Result<HashSet<(String, String)>, sqlx::Error> {
-    let mut accounts = Vec::with_capacity(events.len());
-    let mut ids = Vec::with_capacity(events.len());
-    let mut types = Vec::with_capacity(events.len());
-    let mut created = Vec::with_capacity(events.len());
-    let mut livemode = Vec::with_capacity(events.len());
-    let mut api_versions = Vec::with_capacity(events.len());
-    let mut object_types = Vec::with_capacity(events.len());
-    let mut object_ids = Vec::with_capacity(events.len());
-    let mut seqs = Vec::with_capacity(events.len());
-    let mut bodies = Vec::with_capacity(events.len());
-    for e in events {
-        accounts.push(e.account.as_deref().unwrap_or(platform_account));
-        ids.push(e.id.as_str());
-        types.push(e.event_type.as_str());
-        created.push(e.created);
-        livemode.push(e.livemode);
-        api_versions.push(e.api_version.as_deref());
-        object_types.push(e.object_type.as_deref());
-        object_ids.push(e.object_id.as_deref());
-        seqs.push(e.seq as i64);
-        bodies.push(e.json());
-    }
     let rows = sqlx::query(
         "insert into stripe.events \
            (_account_id, id, type, created, livemode, api_version, object_type, object_id, _stream_seq, _raw_data) \
-         select u.a, u.i, u.t, u.c, u.l, u.v, u.ot, u.oi, u.s, u.r::jsonb \
+         select e.account, e.id, e.type, e.created, e.livemode, e.api_version, e.object_type, e.object_id, e.seq, \
+           e.body::jsonb \
          from unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::bool[], $6::text[], $7::text[], $8::text[], \
-           $9::int8[], $10::text[]) as u(a, i, t, c, l, v, ot, oi, s, r) \
+           $9::int8[], $10::text[]) \
+           as e(account, id, type, created, livemode, api_version, object_type, object_id, seq, body) \
          on conflict (_account_id, id) do nothing \
          returning _account_id, id",
     )
-    .bind(accounts)
-    .bind(ids)
-    .bind(types)
-    .bind(created)
-    .bind(livemode)
-    .bind(api_versions)
-    .bind(object_types)
-    .bind(object_ids)
-    .bind(seqs)
-    .bind(bodies)
+    .bind(
+        events
+            .iter()
+            .map(|e| e.account.as_deref().unwrap_or(platform_account))
+            .collect::<Vec<_>>(),
+    )
+    .bind(events.iter().map(|e| e.id.as_str()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.created).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.livemode).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.api_version.as_deref()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.object_type.as_deref()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.object_id.as_deref()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.seq as i64).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.json()).collect::<Vec<_>>())
     .fetch_all(&mut *conn)
     .await?;
     Ok(rows
@@ -287,48 +386,125 @@ pub async fn insert_events(
         .collect())
 }
 
-/// Upserts one table's rows under the ordering guard; returns the keys actually written.
+/// The place in the stream's order each of these events was recorded with when first applied (for `replay
+/// --force`: a copy Stripe sent again later must not take a later place).
+pub async fn recorded_seqs(
+    conn: &mut PgConnection,
+    keys: &[(&str, &str)],
+) -> Result<HashMap<(String, String), i64>, sqlx::Error> {
+    let rows = sqlx::query(
+        "select e._account_id, e.id, e._stream_seq \
+         from unnest($1::text[], $2::text[]) as k(account, id) \
+         join stripe.events e on e._account_id = k.account and e.id = k.id",
+    )
+    .bind(keys.iter().map(|k| k.0).collect::<Vec<_>>())
+    .bind(keys.iter().map(|k| k.1).collect::<Vec<_>>())
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get::<i64, _>(2)))
+        .collect())
+}
+
+/// A row a write produced: its key, and whether a bare tie decided it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Written {
+    /// `(_account_id, livemode, id)`.
+    pub key: (String, bool, String),
+    /// The row's `_ambiguous` after the write.
+    pub ambiguous: bool,
+}
+
+/// Upserts one round of a table's rows under the ordering guard; returns the rows actually written.
 pub async fn upsert_rows(
     conn: &mut PgConnection,
     statements: &Statements,
     table_index: usize,
     rows: &[ObjectRow<'_>],
-) -> Result<Vec<(String, String)>, sqlx::Error> {
+) -> Result<Vec<Written>, sqlx::Error> {
     let sql = &statements.tables[table_index].upsert;
-    let applied = sqlx::query(AssertSqlSafe(sql.as_str()))
-        .bind(rows.iter().map(|r| r.account).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.id.as_ref()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.livemode).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.deleted).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.event_id).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.created).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.seq).collect::<Vec<_>>())
+    let written = bind_writes(sqlx::query(AssertSqlSafe(sql.as_str())), rows)
         .fetch_all(&mut *conn)
         .await?;
-    Ok(applied
+    Ok(written
         .into_iter()
-        .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
+        .map(|r| Written {
+            key: (r.get(0), r.get(1), r.get(2)),
+            ambiguous: r.get(3),
+        })
         .collect())
 }
 
-/// Replaces the embedded lists of the parents just written to a table.
-pub async fn replace_children(
+/// Flags the rows that kept their state over `losers` (writes the guard refused) on stream order only.
+pub async fn flag_tie_losers(
     conn: &mut PgConnection,
     statements: &Statements,
     table_index: usize,
-    parents: &[(String, String)],
-) -> Result<(), sqlx::Error> {
-    if parents.is_empty() {
-        return Ok(());
+    losers: &[ObjectRow<'_>],
+) -> Result<u64, sqlx::Error> {
+    if losers.is_empty() {
+        return Ok(0);
     }
-    let accounts: Vec<&str> = parents.iter().map(|(a, _)| a.as_str()).collect();
-    let ids: Vec<&str> = parents.iter().map(|(_, i)| i.as_str()).collect();
-    for sql in &statements.tables[table_index].children {
-        sqlx::query(AssertSqlSafe(sql.as_str()))
-            .bind(&accounts)
-            .bind(&ids)
+    let sql = &statements.tables[table_index].tie_losers;
+    Ok(
+        bind_writes(sqlx::query(AssertSqlSafe(sql.as_str())), losers)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected(),
+    )
+}
+
+/// Keeps the embedded lists of a round of parent writes; `won[i]` says whether `rows[i]` became the parent's state.
+pub async fn keep_lists(
+    conn: &mut PgConnection,
+    statements: &Statements,
+    table_index: usize,
+    rows: &[ObjectRow<'_>],
+    won: &[bool],
+) -> Result<(), sqlx::Error> {
+    for sql in &statements.tables[table_index].lists {
+        bind_writes(sqlx::query(AssertSqlSafe(sql.as_str())), rows)
+            .bind(won)
             .execute(&mut *conn)
             .await?;
     }
     Ok(())
+}
+
+/// The epoch of the events stream created at `created` (see `stripe.stream_epochs`): the one recorded, or the next
+/// one for a stream not seen before. The first stream a database sees gets 0.
+pub async fn stream_epoch(
+    pool: &PgPool,
+    stream: &str,
+    created: time::OffsetDateTime,
+) -> Result<i32, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("lock table stripe.stream_epochs in exclusive mode")
+        .execute(&mut *tx)
+        .await?;
+    let epoch: i32 = sqlx::query_scalar(
+        "with found as (select epoch from stripe.stream_epochs where stream = $1 and created = $2), \
+         added as ( \
+           insert into stripe.stream_epochs (epoch, stream, created) \
+           select coalesce((select max(epoch) + 1 from stripe.stream_epochs), 0), $1, $2 \
+           where not exists (select 1 from found) \
+           returning epoch) \
+         select epoch from found union all select epoch from added",
+    )
+    .bind(stream)
+    .bind(created)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(epoch)
+}
+
+/// Bits of a stream sequence in the applier's order: a stream incarnation can hold 2^40 events.
+pub const EPOCH_SHIFT: u32 = 40;
+
+/// The applier's order of a message: its stream sequence within its stream's epoch.
+#[must_use]
+pub fn order_of(epoch: i32, stream_seq: u64) -> u64 {
+    ((epoch.max(0) as u64) << EPOCH_SHIFT) | (stream_seq & ((1 << EPOCH_SHIFT) - 1))
 }

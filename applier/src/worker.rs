@@ -1,423 +1,369 @@
-//! A partition's worker: gathers batches from the pump, applies each in one transaction, acks after commit.
+//! A partition's worker: a thin loop around [`crate::decision`] and [`crate::batch`]. It holds every message it
+//! received until it is acked, dead-lettered or handed back, and extends every held message's ack deadline three
+//! times per `ack_wait`, whatever it is waiting for (a database slot, a retry, a parked event's turn), so a message
+//! is never redelivered while this worker has it.
 //!
-//! Failures, classified by [`ApplyError::is_transient`]: a transient one (database away) retries the whole batch in
-//! place with backoff, without limit, extending the ack deadline meanwhile, so nothing is lost and the partition
-//! waits. A permanent one splits the batch: every other event is applied on its own, and the failing event is
-//! parked and retried on a schedule while the partition keeps flowing; after `dead_letter_after` attempts it goes to
-//! the dead letter. Applying out of order is safe because every row is guarded by event order.
+//! Batches are formed once a database slot is free, from what has arrived by then (up to `batch_size`). An event
+//! that fails on its own account is parked in a delay queue and retried on schedule while the partition keeps
+//! flowing; at the policy's word it goes to the dead letter. When its channel closes (the partition is handed
+//! over, or the applier stops), the worker finishes the attempt in progress and hands back (naks) everything else.
 
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::num::NonZeroUsize;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind};
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-use stripe_sync_shared::telemetry;
-use tokio::sync::{mpsc, watch};
+use async_nats::HeaderMap;
+use async_nats::jetstream::AckKind;
+use bytes::Bytes;
+use futures::StreamExt as _;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::Instant;
-use tracing::Instrument;
+use tokio_util::time::DelayQueue;
+use tracing::Instrument as _;
 
-use crate::apply::{Applier, Mode};
-use crate::consumer::wait_or_stop;
-use crate::dead_letter::{DeadLetter, Letter};
+use crate::apply::Writer;
+use crate::batch::{self, Settled};
+use crate::dead_letter::Letter;
+use crate::decision::{Failure, Policy, Tries, Verdict};
 use crate::event::Incoming;
-use crate::settings::ApplierSettings;
+
+/// A message as the worker needs it: JetStream's, or a stand-in in tests.
+pub trait Delivery: Send + Sync + 'static {
+    /// Its sequence in the events stream.
+    fn stream_seq(&self) -> u64;
+    /// Its body.
+    fn payload(&self) -> Bytes;
+    /// Its headers.
+    fn headers(&self) -> Option<&HeaderMap>;
+    /// Acks, naks or extends it; a failure only means JetStream redelivers it later.
+    fn ack(&self, kind: AckKind) -> impl Future<Output = ()> + Send;
+}
+
+/// Where events go after their last attempt.
+pub trait DeadLetters: Send + Sync + 'static {
+    /// Stores the letter; Ok once stored.
+    fn publish(&self, letter: Letter<'_>) -> impl Future<Output = anyhow::Result<()>> + Send;
+}
 
 /// Works one partition.
-pub struct Worker {
+#[derive(Debug)]
+pub struct Worker<W, L> {
     /// The partition.
     pub partition: u32,
-    /// Batches applied at once by all the partitions of this process (one per database connection): bounds memory
-    /// whatever the backlog, and keeps Postgres from juggling more transactions than it has connections for.
-    pub slots: Arc<tokio::sync::Semaphore>,
     /// Applies batches.
-    pub applier: Arc<Applier>,
-    /// Where events go after the last attempt.
-    pub dead_letter: DeadLetter,
-    /// Batching, retry and dead-letter settings.
-    pub settings: ApplierSettings,
+    pub writer: Arc<W>,
+    /// Takes events out of attempts.
+    pub dead_letter: Arc<L>,
+    /// Batches applied at once by all the partitions of this process (one per database connection).
+    pub slots: Arc<Semaphore>,
+    /// Retries, parking and dead letters.
+    pub policy: Policy,
+    /// Most events per transaction.
+    pub batch_size: NonZeroUsize,
+    /// Longest wait for a batch to fill once its first event is in.
+    pub batch_wait: Duration,
+    /// The stream's epoch ([`crate::store::order_of`]).
+    pub epoch: i32,
 }
 
-/// A received message, its span (receive → ack) and, if readable, its event.
-struct Received {
-    message: jetstream::Message,
-    seq: u64,
+/// A message held by the worker.
+struct Held<M> {
+    message: M,
     span: tracing::Span,
-}
-
-/// A permanently failing event waiting for its next attempt.
-struct Parked {
-    received: Received,
     event: Result<Incoming, String>,
-    attempts: u32,
-    next_attempt: Instant,
-    backoff: ExponentialBackoff,
+    tries: Tries,
+    /// The last failure, for the dead letter.
     last_error: String,
+    /// Waiting to be published to the dead letter (after a failed publish), rather than parked for a retry.
+    to_dead_letter: bool,
 }
 
-/// Outcome of applying one event with transient retries.
-enum Single {
-    Applied,
-    Failed(String),
-    Stopping,
+/// What the worker is doing besides waiting: applying a batch or retrying one parked event (the stream sequences
+/// and what became of each), or publishing one event to the dead letter.
+enum Job {
+    Apply(Vec<u64>, Vec<Settled>),
+    DeadLetter(u64, Result<(), String>),
 }
 
-impl Received {
-    fn new(message: jetstream::Message, partition: u32) -> Self {
-        let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
-        let span = tracing::info_span!(
-            "event",
-            partition,
-            seq,
-            event_id = tracing::field::Empty,
-            event_type = tracing::field::Empty
-        );
-        telemetry::continue_trace(&span, message.headers.as_ref());
-        Self { message, seq, span }
-    }
+type Running = Pin<Box<dyn Future<Output = Job> + Send>>;
+type SlotWait = Pin<Box<dyn Future<Output = Option<OwnedSemaphorePermit>> + Send>>;
 
-    fn parse(&self) -> Result<Incoming, String> {
-        let event = Incoming::from_bytes(self.seq, self.message.payload.clone())
-            .map_err(|e| e.to_string())?;
-        self.span.record("event_id", event.id.as_str());
-        self.span.record("event_type", event.event_type.as_str());
-        Ok(event)
-    }
+/// The worker's state: every held message and where it waits.
+struct State<M> {
+    held: BTreeMap<u64, Held<M>>,
+    /// Received, not tried yet, in stream order.
+    queue: VecDeque<u64>,
+    /// Parked events whose retry is due.
+    due: VecDeque<u64>,
+    /// Events to publish to the dead letter.
+    dead: VecDeque<u64>,
+    /// Parked events, and dead letters to publish again, by when.
+    parked: DelayQueue<u64>,
+}
 
-    async fn ack(&self, kind: AckKind) {
-        if let Err(err) = self.message.ack_with(kind).await {
-            // The message will be redelivered and deduplicated.
-            tracing::warn!(parent: &self.span, error = %err, "ack failed");
-        }
+impl<M: Delivery> State<M> {
+    fn receive(&mut self, held: Held<M>) {
+        let seq = held.message.stream_seq();
+        self.held.insert(seq, held);
+        self.queue.push_back(seq);
     }
 }
 
-impl Worker {
-    fn backoff(&self) -> ExponentialBackoff {
-        ExponentialBuilder::new()
-            .with_min_delay(self.settings.retry_initial)
-            .with_max_delay(self.settings.retry_max)
-            .with_jitter()
-            .without_max_times()
-            .build()
-    }
-
-    fn progress_interval(&self) -> Duration {
-        self.settings.ack_wait / 3
-    }
-
-    /// Runs until `stop` is set (after finishing and acking the batch in hand) or the pump hangs up.
-    pub async fn run(
-        self,
-        mut rx: mpsc::Receiver<jetstream::Message>,
-        mut stop: watch::Receiver<bool>,
-    ) {
-        let mut parked: Vec<Parked> = Vec::new();
-        let mut last_progress = Instant::now();
-        loop {
-            let due = parked.iter().map(|p| p.next_attempt).min();
-            let first = tokio::select! {
-                biased;
-                _ = stop.wait_for(|s| *s) => break,
-                message = rx.recv() => match message {
-                    Some(m) => Some(m),
-                    None => break,
-                },
-                () = sleep_until(due) => None,
-            };
-            // A batch waits for one of the process's database slots; meanwhile the next messages wait in the small
-            // queue and in NATS, so memory does not grow with the backlog.
-            let batch = match first {
-                Some(first) => Some(self.gather(first, &mut rx).await),
-                None => None,
-            };
-            let Ok(slot) = self.slots.clone().acquire_owned().await else {
-                break;
-            };
-            if let Some(batch) = batch
-                && !self.process(batch, &mut parked, &mut stop).await
+impl<W: Writer + 'static, L: DeadLetters> Worker<W, L> {
+    /// Runs until `rx` closes, then finishes the attempt in progress and naks everything still held.
+    pub async fn run<M: Delivery>(self, mut rx: mpsc::Receiver<M>) {
+        let mut state = State {
+            held: BTreeMap::new(),
+            queue: VecDeque::new(),
+            due: VecDeque::new(),
+            dead: VecDeque::new(),
+            parked: DelayQueue::new(),
+        };
+        let mut job: Option<(Running, Option<OwnedSemaphorePermit>)> = None;
+        let mut slot_wait: Option<SlotWait> = None;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let every = self.policy.progress_every();
+        let mut progress = tokio::time::interval_at(Instant::now() + every, every);
+        let mut first_queued = Instant::now();
+        let mut open = true;
+        while open || job.is_some() {
+            let idle = open && job.is_none() && slot_wait.is_none();
+            let batch_due = first_queued + self.batch_wait;
+            if idle && let Some(seq) = state.dead.pop_front() {
+                job = Some((self.dead_letter_job(seq, &state.held[&seq]), None));
+            } else if idle
+                && (!state.due.is_empty()
+                    || state.queue.len() >= self.batch_size.get()
+                    || (!state.queue.is_empty() && batch_due <= Instant::now()))
             {
-                break;
+                let slots = self.slots.clone();
+                slot_wait = Some(Box::pin(async move { slots.acquire_owned().await.ok() }));
             }
-            if !self.retry_parked(&mut parked, &mut stop).await {
-                break;
-            }
-            drop(slot);
-            if !parked.is_empty() && last_progress.elapsed() >= self.progress_interval() {
-                for p in &parked {
-                    p.received.ack(AckKind::Progress).await;
+            let idle = idle && slot_wait.is_none() && job.is_none();
+            tokio::select! {
+                biased;
+                done = async { (&mut job.as_mut()?.0).await.into() }, if job.is_some() => {
+                    job = None;
+                    if let Some(done) = done {
+                        self.settle(done, &mut state).await;
+                    }
                 }
-                last_progress = Instant::now();
+                permit = async { slot_wait.as_mut()?.await }, if slot_wait.is_some() => {
+                    slot_wait = None;
+                    let Some(permit) = permit else { break };
+                    // A parked event's turn first; otherwise the batch is what has arrived by now.
+                    while let Ok(message) = rx.try_recv() {
+                        state.receive(self.hold(message));
+                    }
+                    let seqs: Vec<u64> = match state.due.pop_front() {
+                        Some(seq) => vec![seq],
+                        None => {
+                            let n = state.queue.len().min(self.batch_size.get());
+                            state.queue.drain(..n).collect()
+                        }
+                    };
+                    job = Some((self.apply_job(seqs, &state.held, stop_rx.clone()), Some(permit)));
+                }
+                message = rx.recv(), if open => match message {
+                    Some(message) => {
+                        if state.queue.is_empty() {
+                            first_queued = Instant::now();
+                        }
+                        state.receive(self.hold(message));
+                    }
+                    None => {
+                        open = false;
+                        slot_wait = None;
+                        let _ = stop_tx.send(true);
+                    }
+                },
+                Some(expired) = state.parked.next() => {
+                    let seq = expired.into_inner();
+                    match state.held.get(&seq) {
+                        Some(h) if h.to_dead_letter => state.dead.push_back(seq),
+                        Some(_) => state.due.push_back(seq),
+                        None => {}
+                    }
+                }
+                _ = progress.tick() => {
+                    for h in state.held.values() {
+                        h.message.ack(AckKind::Progress).await;
+                    }
+                }
+                () = tokio::time::sleep_until(batch_due), if idle && !state.queue.is_empty() => {}
             }
         }
-        // Hand back what was received but not applied, so the partition's next applier gets it at once instead of
-        // after the ack wait. The channel ends when the pump, which stops too, drops its side.
-        for p in &parked {
-            p.received.ack(AckKind::Nak(None)).await;
-        }
-        while let Some(message) = rx.recv().await {
-            if let Err(err) = message.ack_with(AckKind::Nak(None)).await {
-                tracing::debug!(error = %err, "nak at shutdown failed; the message is redelivered after the ack wait");
-            }
+        // Handed back at once, so the partition's next applier gets them without waiting for the ack deadline.
+        for h in state.held.values() {
+            h.message.ack(AckKind::Nak(None)).await;
         }
     }
 
-    async fn gather(
-        &self,
-        first: jetstream::Message,
-        rx: &mut mpsc::Receiver<jetstream::Message>,
-    ) -> Vec<jetstream::Message> {
-        let mut batch = vec![first];
-        let deadline = Instant::now() + self.settings.batch_wait;
-        while batch.len() < self.settings.batch_size {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    match tokio::time::timeout_at(deadline, rx.recv()).await {
-                        Ok(Some(m)) => batch.push(m),
-                        _ => break,
+    /// Acts on a finished job: acks what applied, parks or dead-letters what failed (as the policy says).
+    async fn settle<M: Delivery>(&self, done: Job, state: &mut State<M>) {
+        let now = Instant::now();
+        match done {
+            Job::Apply(seqs, outcomes) => {
+                for (seq, outcome) in seqs.into_iter().zip(outcomes) {
+                    let Some(h) = state.held.get_mut(&seq) else {
+                        continue;
+                    };
+                    match outcome {
+                        Settled::Applied => {
+                            if h.tries.attempts > 0 {
+                                tracing::info!(parent: &h.span, attempts = h.tries.attempts + 1, "parked event applied");
+                            }
+                            h.message.ack(AckKind::Ack).await;
+                            state.held.remove(&seq);
+                        }
+                        Settled::Failed { failure, error } => {
+                            match self.policy.after_failure(
+                                failure,
+                                &mut h.tries,
+                                now,
+                                fastrand::f64(),
+                            ) {
+                                Verdict::Park(at) => {
+                                    tracing::warn!(parent: &h.span, %error, ?failure, attempts = h.tries.attempts, retry_in = ?at - now, "event failed; parked for a retry");
+                                    state.parked.insert_at(seq, at);
+                                }
+                                Verdict::DeadLetter => state.dead.push_back(seq),
+                            }
+                            h.last_error = error;
+                        }
+                        // Not tried to the end (stopping): handed back with the rest.
+                        Settled::Stopped => {}
+                    }
+                }
+            }
+            Job::DeadLetter(seq, published) => {
+                let Some(h) = state.held.get_mut(&seq) else {
+                    return;
+                };
+                match published {
+                    Ok(()) => {
+                        tracing::error!(parent: &h.span, error = %h.last_error, attempts = h.tries.attempts, "event dead-lettered: an operator must look at it (stripe-sync-applier dlq list)");
+                        h.message.ack(AckKind::Ack).await;
+                        state.held.remove(&seq);
+                    }
+                    Err(err) => {
+                        let at = now + self.policy.backoff(h.tries.attempts, fastrand::f64());
+                        tracing::warn!(parent: &h.span, error = %err, retry_in = ?at - now, "could not publish to the dead letter; will retry");
+                        h.to_dead_letter = true;
+                        state.parked.insert_at(seq, at);
                     }
                 }
             }
         }
-        batch
     }
 
-    /// Applies a batch; false when stopping interrupted it (its messages are left for redelivery).
-    async fn process(
+    fn hold<M: Delivery>(&self, message: M) -> Held<M> {
+        let seq = message.stream_seq();
+        let span = tracing::info_span!(
+            "event",
+            partition = self.partition,
+            seq,
+            event_id = tracing::field::Empty,
+            event_type = tracing::field::Empty
+        );
+        stripe_sync_shared::telemetry::continue_trace(&span, message.headers());
+        let order = crate::store::order_of(self.epoch, seq);
+        let event = Incoming::from_bytes(order, message.payload()).map_err(|e| e.to_string());
+        match &event {
+            Ok(e) => {
+                span.record("event_id", e.id.as_str());
+                span.record("event_type", e.event_type.as_str());
+            }
+            Err(error) => tracing::warn!(parent: &span, %error, "unreadable event"),
+        }
+        Held {
+            message,
+            span,
+            event,
+            tries: Tries::default(),
+            last_error: String::new(),
+            to_dead_letter: false,
+        }
+    }
+
+    fn apply_job<M: Delivery>(
         &self,
-        batch: Vec<jetstream::Message>,
-        parked: &mut Vec<Parked>,
-        stop: &mut watch::Receiver<bool>,
-    ) -> bool {
-        let mut received = Vec::with_capacity(batch.len());
-        let mut events = Vec::with_capacity(batch.len());
-        for message in batch {
-            let r = Received::new(message, self.partition);
-            match r.parse() {
+        seqs: Vec<u64>,
+        held: &BTreeMap<u64, Held<M>>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Running {
+        let (writer, policy) = (self.writer.clone(), self.policy.clone());
+        let mut settled = vec![Settled::Stopped; seqs.len()];
+        let (mut events, mut readable) = (Vec::new(), Vec::new());
+        for (i, seq) in seqs.iter().enumerate() {
+            match &held[seq].event {
                 Ok(event) => {
-                    received.push(r);
-                    events.push(event);
+                    events.push(event.clone());
+                    readable.push(i);
                 }
                 Err(error) => {
-                    tracing::warn!(parent: &r.span, %error, "unreadable event");
-                    self.park(parked, r, Err(error.clone()), error);
+                    settled[i] = Settled::Failed {
+                        failure: Failure::Rejected,
+                        error: error.clone(),
+                    };
                 }
             }
-        }
-        if events.is_empty() {
-            return true;
         }
         let span = tracing::info_span!(
             "apply_batch",
             partition = self.partition,
             events = events.len()
         );
-        let mut backoff = self.backoff();
-        let mut last_progress = Instant::now();
-        let started = Instant::now();
-        loop {
-            let apply = self
-                .applier
-                .apply(&events, Mode::Normal)
-                .instrument(span.clone());
-            match self.with_progress(&received, apply).await {
-                Ok(report) => {
-                    tracing::debug!(parent: &span, new = report.new, rows = report.rows_written, stale = report.rows_stale, elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "batch committed");
-                    for r in &received {
-                        r.ack(AckKind::Ack).await;
-                    }
-                    return true;
-                }
-                Err(err) if err.is_transient() => {
-                    let delay = backoff.next().unwrap_or(self.settings.retry_max);
-                    tracing::warn!(parent: &span, error = %err, retry_in = ?delay, "database unavailable; retrying the batch");
-                    if last_progress.elapsed() >= self.progress_interval() {
-                        for r in &received {
-                            r.ack(AckKind::Progress).await;
-                        }
-                        last_progress = Instant::now();
-                    }
-                    if wait_or_stop(stop, delay).await {
-                        for r in &received {
-                            r.ack(AckKind::Nak(None)).await;
-                        }
-                        return false;
+        Box::pin(
+            async move {
+                if !events.is_empty() {
+                    let (outcomes, report) =
+                        batch::apply(&*writer, &policy, &events, &mut stop).await;
+                    tracing::debug!(
+                        new = report.new,
+                        rows = report.rows_written,
+                        stale = report.rows_stale,
+                        "batch done"
+                    );
+                    for (i, outcome) in readable.into_iter().zip(outcomes) {
+                        settled[i] = outcome;
                     }
                 }
-                Err(err) => {
-                    tracing::warn!(parent: &span, error = %err, "batch rejected; applying its events one by one");
-                    let mut pairs = received.into_iter().zip(events);
-                    while let Some((r, event)) = pairs.next() {
-                        match self.apply_single(&event, &r.span, stop).await {
-                            Single::Applied => r.ack(AckKind::Ack).await,
-                            Single::Failed(error) => self.park(parked, r, Ok(event), error),
-                            Single::Stopping => {
-                                r.ack(AckKind::Nak(None)).await;
-                                for (rest, _) in pairs {
-                                    rest.ack(AckKind::Nak(None)).await;
-                                }
-                                return false;
-                            }
-                        }
-                    }
-                    return true;
-                }
+                Job::Apply(seqs, settled)
             }
-        }
+            .instrument(span),
+        )
     }
 
-    /// Runs `work` while extending the ack deadline of `received` (a slow transaction must not cause redelivery).
-    async fn with_progress<T>(
-        &self,
-        received: &[Received],
-        work: impl std::future::Future<Output = T>,
-    ) -> T {
-        tokio::pin!(work);
-        let mut tick = tokio::time::interval_at(
-            Instant::now() + self.progress_interval(),
-            self.progress_interval(),
-        );
-        loop {
-            tokio::select! {
-                output = &mut work => return output,
-                _ = tick.tick() => {
-                    for r in received {
-                        r.ack(AckKind::Progress).await;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Applies one event, retrying transient failures without limit.
-    async fn apply_single(
-        &self,
-        event: &Incoming,
-        span: &tracing::Span,
-        stop: &mut watch::Receiver<bool>,
-    ) -> Single {
-        let mut backoff = self.backoff();
-        loop {
-            match self
-                .applier
-                .apply(std::slice::from_ref(event), Mode::Normal)
-                .instrument(span.clone())
-                .await
-            {
-                Ok(_) => return Single::Applied,
-                Err(err) if err.is_transient() => {
-                    let delay = backoff.next().unwrap_or(self.settings.retry_max);
-                    tracing::warn!(parent: span, error = %err, retry_in = ?delay, "database unavailable; retrying");
-                    if wait_or_stop(stop, delay).await {
-                        return Single::Stopping;
-                    }
-                }
-                Err(err) => return Single::Failed(err.detail()),
-            }
-        }
-    }
-
-    fn park(
-        &self,
-        parked: &mut Vec<Parked>,
-        received: Received,
-        event: Result<Incoming, String>,
-        error: String,
-    ) {
-        let mut backoff = self.backoff();
-        let delay = backoff.next().unwrap_or(self.settings.retry_initial);
-        tracing::warn!(parent: &received.span, %error, attempts = 1, retry_in = ?delay, "event failed; will retry");
-        parked.push(Parked {
-            received,
-            event,
-            attempts: 1,
-            next_attempt: Instant::now() + delay,
-            backoff,
-            last_error: error,
-        });
-    }
-
-    /// Retries parked events that are due; dead-letters those out of attempts. False when stopping.
-    async fn retry_parked(
-        &self,
-        parked: &mut Vec<Parked>,
-        stop: &mut watch::Receiver<bool>,
-    ) -> bool {
-        let now = Instant::now();
-        let mut i = 0;
-        while i < parked.len() {
-            if parked[i].next_attempt > now {
-                i += 1;
-                continue;
-            }
-            let outcome = match &parked[i].event {
-                Ok(event) => {
-                    self.apply_single(event, &parked[i].received.span, stop)
-                        .await
-                }
-                Err(error) => Single::Failed(error.clone()),
+    fn dead_letter_job<M: Delivery>(&self, seq: u64, h: &Held<M>) -> Running {
+        let sink = self.dead_letter.clone();
+        let event = h.event.as_ref().ok();
+        let event_type = event.map(|e| e.event_type.clone());
+        let event_id = event.map(|e| e.id.clone());
+        let headers = h.message.headers().cloned();
+        let payload = h.message.payload();
+        let (attempts, error) = (h.tries.attempts, h.last_error.clone());
+        Box::pin(async move {
+            let letter = Letter {
+                headers: headers.as_ref(),
+                payload,
+                event_type: event_type.as_deref(),
+                event_id: event_id.as_deref(),
+                stream_seq: seq,
+                attempts,
+                error: &error,
             };
-            let p = &mut parked[i];
-            match outcome {
-                Single::Stopping => return false,
-                Single::Applied => {
-                    tracing::info!(parent: &p.received.span, attempts = p.attempts + 1, "parked event applied");
-                    p.received.ack(AckKind::Ack).await;
-                    parked.swap_remove(i);
-                    continue;
-                }
-                Single::Failed(error) => {
-                    p.attempts += 1;
-                    p.last_error = error;
-                }
-            }
-            if p.attempts >= self.settings.dead_letter_after {
-                if self.dead_letter_parked(p).await {
-                    parked.swap_remove(i);
-                    continue;
-                }
-                p.next_attempt =
-                    Instant::now() + self.settings.retry_initial.max(Duration::from_secs(1));
-            } else {
-                let delay = p.backoff.next().unwrap_or(self.settings.retry_max);
-                tracing::warn!(parent: &p.received.span, error = %p.last_error, attempts = p.attempts, retry_in = ?delay, "event failed again");
-                p.next_attempt = Instant::now() + delay;
-            }
-            i += 1;
-        }
-        true
-    }
-
-    /// Publishes a parked event to the dead letter, then acks it. False if the dead letter could not take it.
-    async fn dead_letter_parked(&self, p: &Parked) -> bool {
-        let event = p.event.as_ref().ok();
-        let letter = Letter {
-            headers: p.received.message.headers.as_ref(),
-            payload: p.received.message.payload.clone(),
-            event_type: event.map(|e| e.event_type.as_str()),
-            event_id: event.map(|e| e.id.as_str()),
-            stream_seq: p.received.seq,
-            attempts: p.attempts,
-            error: &p.last_error,
-        };
-        match self.dead_letter.publish(letter).await {
-            Ok(()) => {
-                tracing::error!(parent: &p.received.span, error = %p.last_error, attempts = p.attempts, "event dead-lettered: an operator must look at it (stripe-sync-applier dlq list)");
-                p.received.ack(AckKind::Ack).await;
-                true
-            }
-            Err(err) => {
-                tracing::warn!(parent: &p.received.span, error = %format!("{err:#}"), "could not publish to the dead letter; will retry");
-                false
-            }
-        }
+            Job::DeadLetter(
+                seq,
+                sink.publish(letter).await.map_err(|e| format!("{e:#}")),
+            )
+        })
     }
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
-}
+#[cfg(test)]
+#[path = "worker_tests.rs"]
+mod tests;

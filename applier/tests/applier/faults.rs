@@ -148,9 +148,10 @@ async fn both_binaries_refuse_a_nats_server_older_than_2_11() {
     env.env.insert("NATS_URL".into(), old.url());
     env.env
         .insert("STRIPE_SYNC__STREAM__NAME".into(), unique_name("OLD"));
-    let error = stripe_sync_applier::startup::run_until(env.settings(), std::future::pending())
-        .await
-        .unwrap_err();
+    let error = match stripe_sync_applier::startup::Application::build(env.settings()).await {
+        Ok(_) => panic!("the applier must refuse NATS 2.10"),
+        Err(error) => error,
+    };
     assert!(format!("{error:#}").contains("2.11"), "{error:#}");
 
     let settings = stripe_sync_ingest::settings::Settings::load_from(&env.env).unwrap();

@@ -15,7 +15,7 @@ use stripe_sync_testkit::nats::TestNats;
 use stripe_sync_testkit::{eventually, stripe, unique_name};
 
 /// POSTs `body` to ingest's `/webhooks` at `base`, signed now with the test secret; returns the status code.
-pub async fn post_signed(http: &reqwest::Client, base: &str, body: &[u8]) -> u16 {
+pub(crate) async fn post_signed(http: &reqwest::Client, base: &str, body: &[u8]) -> u16 {
     http.post(format!("{base}/webhooks"))
         .header(
             "stripe-signature",
@@ -30,9 +30,9 @@ pub async fn post_signed(http: &reqwest::Client, base: &str, body: &[u8]) -> u16
 }
 
 /// Generous bound for anything asynchronous in a test on a loaded two-core machine.
-pub const PATIENCE: Duration = Duration::from_secs(60);
+pub(crate) const PATIENCE: Duration = Duration::from_secs(60);
 
-pub struct TestEnv {
+pub(crate) struct TestEnv {
     pub nats: TestNats,
     pub db: TestDb,
     pub pool: PgPool,
@@ -44,14 +44,14 @@ pub struct TestEnv {
 }
 
 /// A child process, killed (SIGKILL) when dropped.
-pub struct ChildGuard {
+pub(crate) struct ChildGuard {
     pub child: Option<std::process::Child>,
     pub log: std::path::PathBuf,
 }
 
 impl ChildGuard {
     /// SIGKILL: the process dies mid-work, as on a crash.
-    pub fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -59,7 +59,7 @@ impl ChildGuard {
     }
 
     /// SIGTERM, then waits for the exit code.
-    pub async fn terminate(&mut self) -> Option<i32> {
+    pub(crate) async fn terminate(&mut self) -> Option<i32> {
         let mut child = self.child.take()?;
         let _ = std::process::Command::new("kill")
             .arg("-TERM")
@@ -77,13 +77,13 @@ impl Drop for ChildGuard {
     }
 }
 
-pub struct Running {
+pub(crate) struct Running {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl Running {
-    pub async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -95,18 +95,18 @@ impl Running {
 }
 
 impl TestEnv {
-    pub async fn new() -> Self {
+    pub(crate) async fn new() -> Self {
         Self::with_env(&[]).await
     }
 
-    pub async fn with_env(extra: &[(&str, &str)]) -> Self {
+    pub(crate) async fn with_env(extra: &[(&str, &str)]) -> Self {
         let db = TestDb::create().await;
         let pool = db.pool().await;
         Self::build(db, pool, extra)
     }
 
     /// An environment whose database is `url` (a private server) instead of a fresh one on the shared server.
-    pub async fn with_database_url(url: &str, extra: &[(&str, &str)]) -> Self {
+    pub(crate) async fn with_database_url(url: &str, extra: &[(&str, &str)]) -> Self {
         let db = TestDb::create().await; // unused, keeps the struct uniform
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(2)
@@ -143,7 +143,8 @@ impl TestEnv {
         let partitions = Settings::load_from(&env)
             .expect("settings")
             .stream
-            .partitions;
+            .partitions
+            .get();
         let topology = Topology {
             prefix: "stripe".into(),
             partitions,
@@ -160,39 +161,34 @@ impl TestEnv {
         }
     }
 
-    pub fn settings(&self) -> Settings {
+    pub(crate) fn settings(&self) -> Settings {
         Settings::load_from(&self.env).expect("applier settings")
     }
 
     /// Starts the applier in-process; returns once its migrations ran and it consumes.
-    pub async fn start_applier(&self) -> Running {
+    pub(crate) async fn start_applier(&self) -> Running {
         self.start_applier_with(self.settings()).await
     }
 
-    pub async fn start_applier_with(&self, settings: Settings) -> Running {
+    /// Builds the applier (it is ready to consume when `build` returns) and runs it in the background.
+    pub(crate) async fn start_applier_with(&self, settings: Settings) -> Running {
+        let app = stripe_sync_applier::startup::Application::build(settings)
+            .await
+            .expect("applier builds");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(stripe_sync_applier::startup::run_until(
-            settings,
-            async move {
-                let _ = rx.await;
-            },
-        ));
-        let running = Running {
+        let task = tokio::spawn(app.run_until_stopped(async move {
+            let _ = rx.await;
+        }));
+        Running {
             stop: Some(tx),
             task,
-        };
-        let js = self.jetstream().await;
-        eventually(PATIENCE, "applier consumers exist", || async {
-            let stream = js.get_stream(&self.stream_name).await.ok()?;
-            let name = format!("stripe-sync-applier-p{}", self.topology.partitions - 1);
-            stream.consumer_info(&name).await.ok().map(|_| ())
-        })
-        .await;
-        running
+        }
     }
 
     /// Starts ingest in-process; returns its base URL and a handle that stops it when dropped.
-    pub async fn start_ingest(&self) -> (String, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    pub(crate) async fn start_ingest(
+        &self,
+    ) -> (String, tokio::task::JoinHandle<anyhow::Result<()>>) {
         let settings =
             stripe_sync_ingest::settings::Settings::load_from(&self.env).expect("ingest settings");
         let app = stripe_sync_ingest::startup::Application::build(settings)
@@ -214,7 +210,7 @@ impl TestEnv {
     }
 
     /// A JetStream context of the test's own (one connection, reused; it reconnects after a NATS restart).
-    pub async fn jetstream(&self) -> jetstream::Context {
+    pub(crate) async fn jetstream(&self) -> jetstream::Context {
         self.js
             .get_or_init(|| async {
                 let client = async_nats::ConnectOptions::new()
@@ -235,7 +231,7 @@ impl TestEnv {
     }
 
     /// Makes sure the events stream exists (as ingest would create it).
-    pub async fn ensure_stream(&self) -> Stream {
+    pub(crate) async fn ensure_stream(&self) -> Stream {
         let settings = self.settings();
         stripe_sync_shared::nats::ensure_events_stream(
             &self.jetstream().await,
@@ -253,27 +249,35 @@ impl TestEnv {
 
     /// Publishes an event to the stream the way ingest does (without JetStream's own dedupe, so a test can
     /// deliver the same event twice).
-    pub async fn publish(&self, event: &Value) -> u64 {
+    pub(crate) async fn publish(&self, event: &Value) -> u64 {
         self.publish_raw(serde_json::to_vec(event).unwrap(), event)
             .await
     }
 
-    pub async fn publish_raw(&self, body: Vec<u8>, event: &Value) -> u64 {
+    pub(crate) async fn publish_raw(&self, body: Vec<u8>, event: &Value) -> u64 {
         self.stream_ready
             .get_or_init(|| async {
                 self.ensure_stream().await;
             })
             .await;
-        let object_id = event["data"]["object"]["id"]
-            .as_str()
-            .unwrap_or(event["id"].as_str().unwrap_or("x"));
+        let object_id = event["data"]["object"]["id"].as_str();
+        let routing = subjects::routing_key(
+            event["account"].as_str(),
+            object_id,
+            event["id"].as_str().unwrap_or("x"),
+        );
         let event_type = event["type"].as_str().unwrap_or("unknown");
         let subject = self
             .topology
-            .event_subject(self.topology.partition_of(object_id), event_type);
+            .event_subject(self.topology.partition_of(&routing), event_type);
         let mut headers = HeaderMap::new();
-        headers.insert(subjects::HEADER_EVENT_TYPE, event_type);
-        headers.insert(subjects::HEADER_OBJECT_ID, object_id);
+        headers.insert(
+            subjects::HEADER_EVENT_TYPE,
+            subjects::header_safe(event_type, 256).as_str(),
+        );
+        if let Some(object_id) = object_id {
+            headers.insert(subjects::HEADER_OBJECT_ID, object_id);
+        }
         let ack = self
             .jetstream()
             .await
@@ -286,7 +290,7 @@ impl TestEnv {
     }
 
     /// Waits until every partition's consumer has acked everything in the stream.
-    pub async fn wait_drained(&self) {
+    pub(crate) async fn wait_drained(&self) {
         let js = self.jetstream().await;
         eventually(PATIENCE, "applier drained the stream", || async {
             let stream = js.get_stream(&self.stream_name).await.ok()?;
@@ -305,7 +309,7 @@ impl TestEnv {
     }
 
     /// Starts the applier binary as its own process (killed when the handle drops), logging to a file.
-    pub fn spawn_applier_process(&self, name: &str) -> ChildGuard {
+    pub(crate) fn spawn_applier_process(&self, name: &str) -> ChildGuard {
         let log = std::env::temp_dir().join(format!("{}-{name}.log", self.stream_name));
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_stripe-sync-applier"))
             .envs(&self.env)
@@ -321,7 +325,7 @@ impl TestEnv {
     }
 
     /// Runs the applier binary with arguments; returns (success, stdout).
-    pub async fn applier_cli(&self, args: &[&str]) -> (bool, String) {
+    pub(crate) async fn applier_cli(&self, args: &[&str]) -> (bool, String) {
         let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_stripe-sync-applier"))
             .args(args)
             .envs(&self.env)
@@ -335,7 +339,7 @@ impl TestEnv {
     }
 
     /// Messages delivered to appliers and not acked yet, over all partitions.
-    pub async fn ack_pending(&self) -> Option<u64> {
+    pub(crate) async fn ack_pending(&self) -> Option<u64> {
         let stream = self
             .jetstream()
             .await
@@ -354,7 +358,7 @@ impl TestEnv {
     }
 
     /// Waits until `sql` (returning one bigint) returns `want`.
-    pub async fn wait_count(&self, sql: &str, want: i64) {
+    pub(crate) async fn wait_count(&self, sql: &str, want: i64) {
         eventually(PATIENCE, &format!("{sql} = {want}"), || async {
             let got: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
                 .fetch_one(&self.pool)
@@ -366,7 +370,7 @@ impl TestEnv {
     }
 
     /// Waits until `sql` (returning one bigint) returns at least `want`.
-    pub async fn wait_count_at_least(&self, sql: &str, want: i64) {
+    pub(crate) async fn wait_count_at_least(&self, sql: &str, want: i64) {
         eventually(PATIENCE, &format!("{sql} >= {want}"), || async {
             let got: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
                 .fetch_one(&self.pool)
@@ -377,7 +381,7 @@ impl TestEnv {
         .await;
     }
 
-    pub async fn scalar<T>(&self, sql: &str) -> T
+    pub(crate) async fn scalar<T>(&self, sql: &str) -> T
     where
         T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
     {
@@ -388,7 +392,7 @@ impl TestEnv {
     }
 
     /// Number of messages in the dead-letter stream.
-    pub async fn dead_letters(&self) -> u64 {
+    pub(crate) async fn dead_letters(&self) -> u64 {
         match self
             .jetstream()
             .await
@@ -401,8 +405,79 @@ impl TestEnv {
     }
 }
 
+/// The batch writer on a fresh migrated database, for rules that need only Postgres: no NATS, no worker.
+pub(crate) struct Direct {
+    /// Kept for the test's duration: the database is dropped with it.
+    _db: TestDb,
+    pub pool: PgPool,
+    pub applier: stripe_sync_applier::apply::Applier,
+    seq: std::sync::atomic::AtomicU64,
+}
+
+impl Direct {
+    pub(crate) async fn new() -> Self {
+        let db = TestDb::create().await;
+        let pool = db.pool().await;
+        stripe_sync_applier::migrate::run(&pool)
+            .await
+            .expect("migrations");
+        let applier = stripe_sync_applier::apply::Applier::new(
+            pool.clone(),
+            stripe_sync_applier::registry::Registry::shipped(),
+            "platform",
+        );
+        Self {
+            _db: db,
+            pool,
+            applier,
+            seq: 1.into(),
+        }
+    }
+
+    /// Applies `events` as one batch, each at the next place in the stream.
+    pub(crate) async fn apply(&self, events: &[Value]) -> stripe_sync_applier::apply::Report {
+        let parsed: Vec<_> = events
+            .iter()
+            .map(|e| {
+                let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                stripe_sync_applier::event::Incoming::parse(seq, &serde_json::to_vec(e).unwrap())
+                    .unwrap()
+            })
+            .collect();
+        self.applier
+            .apply(&parsed, stripe_sync_applier::apply::Mode::Normal)
+            .await
+            .expect("batch applies")
+    }
+
+    /// Applies events at given places in the stream (`(seq, event)`), as one batch.
+    pub(crate) async fn apply_at(&self, events: &[(u64, &Value)]) {
+        let parsed: Vec<_> = events
+            .iter()
+            .map(|(seq, e)| {
+                stripe_sync_applier::event::Incoming::parse(*seq, &serde_json::to_vec(e).unwrap())
+                    .unwrap()
+            })
+            .collect();
+        self.applier
+            .apply(&parsed, stripe_sync_applier::apply::Mode::Normal)
+            .await
+            .expect("batch applies");
+    }
+
+    pub(crate) async fn scalar<T>(&self, sql: &str) -> T
+    where
+        T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
+    {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+}
+
 /// A customer event with a given email and `created`.
-pub fn customer_event(
+pub(crate) fn customer_event(
     event_id: &str,
     event_type: &str,
     created: i64,
@@ -414,15 +489,15 @@ pub fn customer_event(
     stripe::event(event_id, event_type, created, object)
 }
 
-pub fn init_telemetry() {
+pub(crate) fn init_telemetry() {
     static INIT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     INIT.get_or_init(|| {
         let settings = stripe_sync_shared::settings::TelemetrySettings {
             filter: "warn".into(),
             ..Default::default()
         };
-        std::mem::forget(
+        Box::leak(Box::new(
             stripe_sync_shared::telemetry::init(&settings, "applier-tests").expect("telemetry"),
-        );
+        ));
     });
 }

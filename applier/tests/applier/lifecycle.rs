@@ -41,12 +41,28 @@ async fn migrations_can_be_left_to_the_operator() {
         "STRIPE_SYNC__DATABASE__RUN_MIGRATIONS".into(),
         "false".into(),
     );
-    let applier = env.start_applier().await;
+    // The applier waits for the operator's migration instead of migrating, or failing on a missing table.
+    let mut build = tokio::spawn(stripe_sync_applier::startup::Application::build(
+        env.settings(),
+    ));
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_secs(2), &mut build)
+            .await
+            .is_err(),
+        "not ready without the schema"
+    );
     let schema: i64 = env
         .scalar("select count(*) from information_schema.schemata where schema_name = 'stripe'")
         .await;
     assert_eq!(schema, 0, "no migration ran");
-    applier.stop().await;
+    let (ok, output) = env.applier_cli(&["migrate"]).await;
+    assert!(ok, "{output}");
+    let app = tokio::time::timeout(PATIENCE, build)
+        .await
+        .expect("ready once migrated")
+        .unwrap()
+        .expect("builds");
+    app.run_until_stopped(async {}).await.unwrap();
 }
 
 #[tokio::test]
@@ -84,4 +100,38 @@ async fn the_binary_applies_events_and_exits_0_on_sigterm() {
         (env.ack_pending().await? == 0).then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn sigterm_while_waiting_for_postgres_ends_the_applier_at_once_with_status_0() {
+    let env = TestEnv::new().await;
+    let port = stripe_sync_testkit::nats::free_port();
+    let mut child = applier_command(&env)
+        .env(
+            "DATABASE_URL",
+            format!("postgres://postgres@127.0.0.1:{port}/none"),
+        )
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut exited = tokio::task::spawn_blocking(move || child.wait().unwrap());
+    // It is waiting: nothing answers on that port, and it retries instead of exiting.
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_secs(2), &mut exited)
+            .await
+            .is_err(),
+        "the applier waits for Postgres"
+    );
+    let signalled = std::time::Instant::now();
+    assert!(
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .unwrap()
+            .success()
+    );
+    let exit = exited.await.unwrap();
+    assert_eq!(exit.code(), Some(0));
+    assert!(signalled.elapsed() < std::time::Duration::from_secs(5));
 }

@@ -61,7 +61,8 @@ async fn subscription_items_are_replaced_with_their_subscription() {
         ]
     );
 
-    // A late, older update changes neither the subscription nor its items.
+    // A late, older update doesn't change the subscription; it is still the newest state that named si_a, so si_a
+    // shows what that state said of it, and stays removed (the subscription's current list lacks it).
     let stale = subscription(vec![item("si_a", 9)], false);
     env.publish(&stripe::event(
         "evt_sub_0",
@@ -74,10 +75,17 @@ async fn subscription_items_are_replaced_with_their_subscription() {
     assert_eq!(
         items(&env).await,
         vec![
-            ("si_a".into(), 1, true),
+            ("si_a".into(), 9, true),
             ("si_b".into(), 5, false),
             ("si_c".into(), 1, false)
         ]
+    );
+    assert_eq!(
+        env.scalar::<String>(
+            "select _last_event_id from stripe.subscriptions where id = 'sub_items'"
+        )
+        .await,
+        "evt_sub_2"
     );
     applier.stop().await;
 }
@@ -137,4 +145,135 @@ async fn a_truncated_list_is_recorded_and_removes_nothing() {
         vec![("si_a".into(), 1, true), ("si_b".into(), 3, false)]
     );
     applier.stop().await;
+}
+
+/// Child tables end the same whatever order and batching the parent's events are applied in (redeliveries,
+/// failovers, replays): every event keeps its place in the stream; only application order changes.
+#[tokio::test]
+async fn child_tables_end_the_same_whatever_order_events_are_applied_in() {
+    use crate::helpers::Direct;
+    let mut rng = fastrand::Rng::with_seed(11);
+    // 12 states of one subscription over 4 seconds (many in the same second), each naming 0-3 of 5 items with
+    // changing quantities; some lists cut short.
+    let events: Vec<Value> = (0..12)
+        .map(|i| {
+            let named: Vec<usize> = (0..5).filter(|_| rng.bool()).take(3).collect();
+            let items = named
+                .into_iter()
+                .map(|j| item(&format!("si_p{j}"), rng.i64(1..5)))
+                .collect();
+            let kind = if i == 0 {
+                "customer.subscription.created"
+            } else {
+                "customer.subscription.updated"
+            };
+            stripe::event(
+                &format!("evt_p{i}"),
+                kind,
+                100 + rng.i64(0..4),
+                subscription(items, rng.u8(..10) == 0),
+            )
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for _ in 0..8 {
+        let db = Direct::new().await;
+        let mut order: Vec<usize> = (0..events.len()).collect();
+        rng.shuffle(&mut order);
+        let mut at = 0;
+        while at < order.len() {
+            let n = rng.usize(1..=(order.len() - at).min(4));
+            let batch: Vec<(u64, &Value)> = order[at..at + n]
+                .iter()
+                .map(|&e| (e as u64 + 1, &events[e]))
+                .collect();
+            db.apply_at(&batch).await;
+            at += n;
+        }
+        let rows: Vec<(String, i64, bool, String)> = sqlx::query_as(
+            "select id, quantity, deleted, _last_event_id from stripe.subscription_items order by id",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        let marker: i64 = db
+            .scalar("select count(*) from stripe.incomplete_lists")
+            .await;
+        outcomes.push((order, rows, marker));
+    }
+    for (order, rows, marker) in &outcomes[1..] {
+        assert_eq!(
+            (rows, marker),
+            (&outcomes[0].1, &outcomes[0].2),
+            "order {order:?} against {:?}",
+            outcomes[0].0
+        );
+    }
+}
+
+#[tokio::test]
+async fn line_ids_repeated_across_invoices_on_old_api_versions_keep_every_line() {
+    use crate::helpers::Direct;
+    let db = Direct::new().await;
+    // Before API version 2019-12-03 a subscription line's id was the subscription's: it repeats on every invoice.
+    let invoice = |id: &str, amount: i64| {
+        let mut line = stripe::object("line_item", "sub_old_api");
+        line["amount"] = json!(amount);
+        let mut invoice = stripe::object("invoice", id);
+        invoice["lines"] = json!({ "object": "list", "data": [line], "has_more": false, "url": format!("/v1/invoices/{id}/lines") });
+        stripe::event(&format!("evt_{id}"), "invoice.finalized", 100, invoice)
+    };
+    db.apply(&[invoice("in_jan", 1000), invoice("in_feb", 2000)])
+        .await;
+    let lines: Vec<(String, String, i64)> = sqlx::query_as(
+        "select _parent_id, id, amount from stripe.invoice_line_items order by _parent_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        lines,
+        vec![
+            ("in_feb".into(), "sub_old_api".into(), 2000),
+            ("in_jan".into(), "sub_old_api".into(), 1000)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_parent_whose_payload_lacks_the_list_keeps_its_incomplete_marker_and_its_items() {
+    use crate::helpers::Direct;
+    let db = Direct::new().await;
+    db.apply(&[stripe::event(
+        "evt_l1",
+        "customer.subscription.updated",
+        100,
+        subscription(vec![item("si_a", 1), item("si_b", 1)], true),
+    )])
+    .await;
+    // A later payload without `items` at all (absent is not empty).
+    let mut bare = stripe::object("subscription", "sub_items");
+    bare.as_object_mut().unwrap().remove("items");
+    db.apply(&[stripe::event(
+        "evt_l2",
+        "customer.subscription.updated",
+        200,
+        bare,
+    )])
+    .await;
+    assert_eq!(
+        db.scalar::<i64>(
+            "select count(*) from stripe.incomplete_lists where parent_id = 'sub_items'"
+        )
+        .await,
+        1,
+        "the list is still known to be cut short"
+    );
+    assert_eq!(
+        db.scalar::<i64>(
+            "select count(*) from stripe.subscription_items where _parent_id = 'sub_items' and not deleted"
+        )
+        .await,
+        2
+    );
 }

@@ -196,3 +196,130 @@ async fn replay_since_a_time_reads_only_what_was_stored_after_it() {
         "a start is required: {output}"
     );
 }
+
+#[tokio::test]
+async fn replay_until_applies_the_events_before_the_bound_even_fewer_than_a_batch() {
+    let env = TestEnv::new().await;
+    for i in 0..5 {
+        env.publish(&customer_event(
+            &format!("evt_u{i}"),
+            "customer.created",
+            100,
+            &format!("cus_u{i}"),
+            "u@example.com",
+        ))
+        .await;
+    }
+    // Stored times have sub-second precision: the events after `until` are stored after it.
+    let until = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    for i in 5..7 {
+        env.publish(&customer_event(
+            &format!("evt_u{i}"),
+            "customer.created",
+            100,
+            &format!("cus_u{i}"),
+            "u@example.com",
+        ))
+        .await;
+    }
+    let (ok, output) = env
+        .applier_cli(&["replay", "--from-seq", "1", "--until", &until])
+        .await;
+    assert!(ok, "{output}");
+    assert!(output.contains("5 events read, 5 applied"), "{output}");
+    assert_eq!(
+        env.scalar::<i64>("select count(*) from stripe.customers")
+            .await,
+        5
+    );
+}
+
+#[tokio::test]
+async fn replay_force_orders_a_copy_stripe_sent_again_by_the_first_copys_place() {
+    let env = TestEnv::new().await;
+    let first = customer_event(
+        "evt_f1",
+        "customer.updated",
+        100,
+        "cus_f",
+        "first@example.com",
+    );
+    let second = customer_event(
+        "evt_f2",
+        "customer.updated",
+        100,
+        "cus_f",
+        "second@example.com",
+    );
+    env.publish(&first).await;
+    env.publish(&second).await;
+    // Stripe sends the first event again after the stream's duplicate window: a second copy, later in the stream.
+    env.publish(&first).await;
+    let applier = env.start_applier().await;
+    env.wait_drained().await;
+    applier.stop().await;
+    let email = "select email from stripe.customers where id = 'cus_f'";
+    assert_eq!(env.scalar::<String>(email).await, "second@example.com");
+    let (ok, output) = env
+        .applier_cli(&["replay", "--from-seq", "1", "--force", "--batch-size", "2"])
+        .await;
+    assert!(ok, "{output}");
+    assert_eq!(
+        env.scalar::<String>(email).await,
+        "second@example.com",
+        "the copy is re-applied at the place its event was first applied in, before evt_f2"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_created_again_numbers_from_1_yet_its_events_still_come_after_the_old_ones() {
+    let env = TestEnv::new().await;
+    env.publish(&customer_event(
+        "evt_e1",
+        "customer.updated",
+        100,
+        "cus_e",
+        "old-stream@example.com",
+    ))
+    .await;
+    for i in 0..20 {
+        env.publish(&customer_event(
+            &format!("evt_pad{i}"),
+            "customer.created",
+            100,
+            &format!("cus_pad{i}"),
+            "p@example.com",
+        ))
+        .await;
+    }
+    let applier = env.start_applier().await;
+    env.wait_drained().await;
+    applier.stop().await;
+    // The stream is deleted and created again (an operator's mistake, or a new NATS cluster): sequences restart.
+    let js = env.jetstream().await;
+    js.delete_stream(&env.stream_name).await.unwrap();
+    let applier = env.start_applier().await;
+    env.publish(&customer_event(
+        "evt_e2",
+        "customer.updated",
+        100,
+        "cus_e",
+        "new-stream@example.com",
+    ))
+    .await;
+    env.wait_drained().await;
+    applier.stop().await;
+    assert_eq!(
+        env.scalar::<String>("select email from stripe.customers where id = 'cus_e'")
+            .await,
+        "new-stream@example.com",
+        "same second: the event of the newer stream wins, though its sequence (1) is lower"
+    );
+    assert_eq!(
+        env.scalar::<i64>("select count(*) from stripe.stream_epochs")
+            .await,
+        2
+    );
+}

@@ -88,9 +88,7 @@ async fn new_fields_bigger_numbers_and_changed_types_never_fail_an_insert() {
 #[tokio::test]
 async fn a_column_added_for_a_new_stripe_field_is_filled_and_underscore_columns_are_left_alone() {
     let env = TestEnv::new().await;
-    stripe_sync_applier::store::migrate(&env.pool)
-        .await
-        .unwrap();
+    stripe_sync_applier::migrate::run(&env.pool).await.unwrap();
     // An operator adds a column for a field Stripe started sending, and one of their own.
     sqlx::raw_sql(
         "alter table stripe.prices add column recurring_hint text, add column _team text default 'unassigned'",

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use stripe_sync_applier::plan::supersedes;
+use stripe_sync_applier::version::{Kind, Rank, Version};
 use stripe_sync_testkit::eventually;
 
 use crate::helpers::{TestEnv, customer_event};
@@ -34,33 +34,32 @@ fn events() -> Vec<Value> {
         .collect()
 }
 
-/// The state applying `events` in stream order gives: per customer, (winning event id, deleted).
+/// The state the ordering rule gives: per customer, (winning event id, deleted). These events carry no
+/// `previous_attributes` and customers no forward-only fields, so the newest (second, rank), then the later place
+/// in the stream, wins.
 fn expected(events: &[(u64, &Value)]) -> HashMap<String, (String, bool)> {
-    let mut state: HashMap<String, (i64, i64, bool, String)> = HashMap::new();
+    let mut state: HashMap<String, ((Version, u64), String, bool)> = HashMap::new();
     for (seq, event) in events {
         let id = event["data"]["object"]["id"].as_str().unwrap().to_owned();
-        let new = (
-            event["created"].as_i64().unwrap(),
-            *seq as i64,
-            event["type"] == "customer.deleted",
-        );
-        let replace = match state.get(&id) {
-            Some(old) => supersedes(new, (old.0, old.1, old.2)),
-            None => true,
+        let deleted = event["type"] == "customer.deleted";
+        let kind = if event["type"] == "customer.created" {
+            Kind::Created
+        } else {
+            Kind::Change
         };
-        if replace {
+        let version = Version {
+            created: event["created"].as_i64().unwrap(),
+            rank: Rank::new(deleted, 0, kind),
+        };
+        let order = (version, *seq);
+        if state.get(&id).is_none_or(|old| order > old.0) {
             state.insert(
                 id,
-                (
-                    new.0,
-                    new.1,
-                    new.2,
-                    event["id"].as_str().unwrap().to_owned(),
-                ),
+                (order, event["id"].as_str().unwrap().to_owned(), deleted),
             );
         }
     }
-    state.into_iter().map(|(k, v)| (k, (v.3, v.2))).collect()
+    state.into_iter().map(|(k, v)| (k, (v.1, v.2))).collect()
 }
 
 #[tokio::test]

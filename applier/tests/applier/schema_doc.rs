@@ -9,16 +9,24 @@ use stripe_sync_testkit::db::TestDb;
 fn describe_fixed(column: &str) -> &'static str {
     match column {
         "_account_id" => {
-            "Connect account of the event, or `STRIPE_ACCOUNT_ID` (primary key, with `id`)"
+            "Connect account of the event, or `STRIPE_ACCOUNT_ID` (primary key, with `livemode` and `id`)"
         }
         "id" => "object id (or the event id, account id or key field, as the table's key says)",
-        "_parent_id" => "id of the parent object whose list holds this item",
-        "livemode" => "live or test mode, from the event",
-        "deleted" => "true once deleted (tombstone), or removed from its parent's list",
+        "_parent_id" => "id of the parent object whose list holds this item (part of the key)",
+        "livemode" => "live or test mode (part of the key: test data never overwrites live data)",
+        "deleted" => "true once deleted (tombstone), or removed from its parent's current list",
         "_raw_data" => "the whole object as Stripe sent it",
         "_last_event_id" => "event the row reflects",
-        "_last_event_created" => "that event's `created` (ordering guard)",
-        "_last_event_seq" => "that event's stream sequence (ordering guard for same-second events)",
+        "_last_event_created" => "that event's `created` (ordering: newer second wins)",
+        "_last_event_rank" => {
+            "its rank within that second: tombstone, then forward-only fields set, then kind (ordering)"
+        }
+        "_last_event_seq" => {
+            "its place in the stream (the last tie-break between same-second events of equal rank)"
+        }
+        "_ambiguous" => {
+            "true when a same-second tie the payloads could not order decided the row (stream order did)"
+        }
         "_updated_at" => "when the applier last wrote the row",
         _ => "",
     }
@@ -27,7 +35,7 @@ fn describe_fixed(column: &str) -> &'static str {
 async fn render() -> String {
     let db = TestDb::create().await;
     let pool = db.pool().await;
-    stripe_sync_applier::store::migrate(&pool).await.unwrap();
+    stripe_sync_applier::migrate::run(&pool).await.unwrap();
     let columns: Vec<(String, String, String)> = sqlx::query_as(
         "select table_name::text, column_name::text, data_type::text \
          from information_schema.columns where table_schema = 'stripe' order by table_name, ordinal_position",
@@ -57,6 +65,10 @@ async fn render() -> String {
                 (None, "events") => "every applied event, once per (account, id)".to_owned(),
                 (None, "incomplete_lists") => {
                     "parents whose embedded list Stripe cut short (`has_more`)".to_owned()
+                }
+                (None, "stream_epochs") => {
+                    "each incarnation of the events stream: events of a newer one order after an older one's"
+                        .to_owned()
                 }
                 (None, _) => String::new(),
             };
