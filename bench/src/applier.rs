@@ -19,7 +19,7 @@ use crate::harness::{Binaries, Proc};
 
 /// One drain.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Drain {
+pub(crate) struct Drain {
     pub appliers: usize,
     pub events: u64,
     pub rate: f64,
@@ -31,7 +31,7 @@ pub struct Drain {
 }
 
 /// Stream settings of a benchmark stream.
-pub fn stream_settings(name: &str) -> StreamSettings {
+pub(crate) fn stream_settings(name: &str) -> StreamSettings {
     // Each benchmark stream has its own subjects: streams on one server can't share them.
     StreamSettings {
         name: name.to_owned(),
@@ -42,7 +42,12 @@ pub fn stream_settings(name: &str) -> StreamSettings {
 }
 
 /// Publishes `n` generated events to a new stream, as ingest would (subject, headers), pipelined.
-pub async fn prefill(nats: &TestNats, stream: &str, n: usize, seed: u64) -> anyhow::Result<()> {
+pub(crate) async fn prefill(
+    nats: &TestNats,
+    stream: &str,
+    n: usize,
+    seed: u64,
+) -> anyhow::Result<()> {
     let js = jetstream::new(async_nats::connect(nats.url()).await?);
     let topology =
         stripe_sync_shared::nats::ensure_events_stream(&js, &stream_settings(stream), true)
@@ -74,7 +79,7 @@ pub async fn prefill(nats: &TestNats, stream: &str, n: usize, seed: u64) -> anyh
 }
 
 /// Environment of an applier process.
-pub fn applier_env(
+pub(crate) fn applier_env(
     nats: &TestNats,
     db: &TestDb,
     stream: &str,
@@ -117,7 +122,7 @@ async fn remaining(
 }
 
 /// Drains `stream` (holding `events`) into a fresh database with `appliers` applier processes.
-pub async fn drain(
+pub(crate) async fn drain(
     bins: &Binaries,
     nats: &TestNats,
     stream: &str,
@@ -138,7 +143,9 @@ pub async fn drain(
     }
 
     let js = jetstream::new(async_nats::connect(nats.url()).await?);
-    let partitions = stripe_sync_shared::settings::StreamSettings::default().partitions;
+    let partitions = stripe_sync_shared::settings::StreamSettings::default()
+        .partitions
+        .get();
     let procs: Vec<Proc> = (0..appliers)
         .map(|i| {
             Proc::spawn(

@@ -8,15 +8,15 @@ use std::time::{Duration, Instant};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, Executor, PgPool};
 use stripe_sync_applier::event::Incoming;
-use stripe_sync_applier::registry::Registry;
-use stripe_sync_applier::store::Statements;
-use stripe_sync_applier::store::{GUARD, SET_STATE};
+use stripe_sync_applier::registry::{DeletePolicy, Registry};
+use stripe_sync_applier::store::{self, SET_STATE, STATE_COLUMNS, Statements};
+use stripe_sync_applier::version::Rank;
 use stripe_sync_shared::subjects::Topology;
 use stripe_sync_testkit::db::TestDb;
 
 /// The best rate over the connection counts tried.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Ceiling {
+pub(crate) struct Ceiling {
     pub events: u64,
     pub batch: usize,
     /// (connections, events/s).
@@ -41,21 +41,21 @@ fn csv(out: &mut String, value: Option<&str>) {
 fn staging_rows(events: &[&Incoming], registry: &Registry) -> String {
     let mut out = String::with_capacity(events.len() * 6_000);
     for e in events {
-        let table = e
-            .object_type
-            .as_deref()
-            .and_then(|t| registry.get(t))
-            .map(|s| s.table.as_str());
+        let spec = e.object_type.as_deref().and_then(|t| registry.get(t));
+        let table = spec.map(|s| s.table.as_str());
         let seq = e.seq.to_string();
         let created = e.created.to_string();
-        let livemode = e.livemode.map(|l| l.to_string());
-        let deleted = (e.is_delete()).to_string();
-        let fields: [Option<&str>; 12] = [
+        let livemode = e.livemode().to_string();
+        let tombstone =
+            e.is_delete() && spec.is_some_and(|s| s.on_delete == DeletePolicy::Tombstone);
+        let deleted = tombstone.to_string();
+        let rank = Rank::new(tombstone, e.progress, e.kind()).get().to_string();
+        let fields: [Option<&str>; 13] = [
             Some(e.account.as_deref().unwrap_or("platform")),
             Some(&e.id),
             Some(&e.event_type),
             Some(&created),
-            livemode.as_deref(),
+            Some(&livemode),
             e.api_version.as_deref(),
             e.object_type.as_deref(),
             e.object_id.as_deref(),
@@ -63,6 +63,7 @@ fn staging_rows(events: &[&Incoming], registry: &Registry) -> String {
             Some(e.json()),
             table,
             e.object_json(),
+            Some(&rank),
         ];
         for (i, f) in fields.iter().enumerate() {
             if i > 0 {
@@ -89,7 +90,8 @@ async fn batch(
         .await?;
     conn.execute(
         "create temp table if not exists staging (acct text, id text, type text, created bigint, livemode boolean, \
-         api_version text, object_type text, object_id text, seq bigint, raw text, tbl text, obj text, deleted boolean) \
+         api_version text, object_type text, object_id text, seq bigint, raw text, tbl text, obj text, rank int, \
+         deleted boolean) \
          on commit delete rows",
     )
     .await?;
@@ -130,24 +132,46 @@ async fn batch(
             .unwrap_or_default();
         let (names, values, sets) = statements.typed_columns(index, "o.object");
         let sql = format!(
-            "insert into stripe.\"{table}\" as t (_account_id, id, _raw_data, livemode, deleted, _last_event_id, \
-               _last_event_created, _last_event_seq{names}) \
-             select o.acct, o.object_id, o.object, o.livemode, o.deleted, o.id, o.created, o.seq{values} \
-             from (select distinct on (s.acct, s.object_id) s.*, ev._raw_data -> 'data' -> 'object' as object \
+            "insert into stripe.\"{table}\" as t (_account_id, livemode, id, {STATE_COLUMNS}{names}) \
+             select o.acct, o.livemode, o.object_id, o.deleted, o.id, o.created, o.rank, o.seq, o.object{values} \
+             from (select distinct on (s.acct, s.livemode, s.object_id) s.*, ev._raw_data -> 'data' -> 'object' as object \
                from staging s cross join lateral (select e._raw_data from stripe.events e \
                  where e._account_id = s.acct and e.id = s.id limit 1) ev \
-               where s.tbl = '{table}' order by s.acct, s.object_id, s.created desc, s.deleted desc, s.seq desc) o \
-             on conflict (_account_id, id) do update set {SET_STATE}{sets} where {GUARD} \
-             returning _account_id, id"
+               where s.tbl = '{table}' order by s.acct, s.livemode, s.object_id, s.created desc, s.rank desc, s.seq desc) o \
+             on conflict (_account_id, livemode, id) do update set {SET_STATE}{sets} where {guard} \
+             returning _account_id, id",
+            guard = store::newer("excluded", "t"),
         );
-        let written: Vec<(String, String)> = sqlx::query_as(AssertSqlSafe(sql))
-            .fetch_all(&mut *tx)
-            .await?;
-        // The same embedded lists (subscription items, invoice lines...) as the applier writes.
-        stripe_sync_applier::store::replace_children(&mut tx, statements, index, &written).await?;
+        sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
+        // The same embedded lists (subscription items, invoice lines...) as the applier writes: the newest state
+        // of each parent.
+        let newest = newest_rows(events, registry, index);
+        if !newest.is_empty() {
+            let won = vec![true; newest.len()];
+            store::keep_lists(&mut tx, statements, index, &newest, &won).await?;
+        }
     }
     tx.commit().await?;
     Ok(())
+}
+
+/// The newest write of each object of table `index` among `events`, as the applier plans them.
+fn newest_rows<'a>(
+    events: &[&'a Incoming],
+    registry: &'a Registry,
+    index: usize,
+) -> Vec<stripe_sync_applier::plan::ObjectRow<'a>> {
+    let plan = stripe_sync_applier::plan::plan(
+        events.iter().map(|e| (*e, e.seq as i64)),
+        registry,
+        "platform",
+    );
+    plan.tables
+        .into_iter()
+        .filter(|t| t.index == index)
+        .flat_map(|t| t.rounds.into_iter().last())
+        .flatten()
+        .collect()
 }
 
 async fn run_once(
@@ -163,7 +187,7 @@ async fn run_once(
         .max_connections(connections as u32)
         .connect_with(options)
         .await?;
-    stripe_sync_applier::store::migrate(&pool).await?;
+    stripe_sync_applier::migrate::run(&pool).await?;
     // Experiments: BENCH_AFTER_MIGRATE_SQL runs after the migrations (e.g. to try another storage setting).
     if let Ok(sql) = std::env::var("BENCH_AFTER_MIGRATE_SQL") {
         pool.execute(AssertSqlSafe(sql)).await?;
@@ -199,7 +223,7 @@ async fn run_once(
 }
 
 /// Measures the ceiling with 1, 2 and 4 connections.
-pub async fn run(n: usize, batch_size: usize) -> anyhow::Result<Ceiling> {
+pub(crate) async fn run(n: usize, batch_size: usize) -> anyhow::Result<Ceiling> {
     let bodies = crate::events::generate(n, 0.3, 3);
     let events: Vec<Incoming> = bodies
         .iter()

@@ -25,7 +25,7 @@ struct Clock {
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     pub rate: u32,
     pub seconds: u64,
     pub events: u64,
@@ -41,7 +41,7 @@ pub struct Report {
     pub applier_peak_rss_mib: f64,
 }
 
-pub async fn run(
+pub(crate) async fn run(
     bins: &Binaries,
     nats: &TestNats,
     rate: u32,

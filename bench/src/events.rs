@@ -32,13 +32,13 @@ const MIX: &[(&str, &str, &str, u32)] = &[
 ];
 
 /// `n` event bodies: `update_share` of them (0.3 = 30 %) update an object created earlier.
-pub fn generate(n: usize, update_share: f64, seed: u64) -> Vec<Vec<u8>> {
+pub(crate) fn generate(n: usize, update_share: f64, seed: u64) -> Vec<Vec<u8>> {
     let mut generator = Generator::new(update_share, seed);
     (0..n).map(|_| generator.next_body()).collect()
 }
 
 /// Generates events one at a time (for backlogs too big to hold in memory).
-pub struct Generator {
+pub(crate) struct Generator {
     rng: fastrand::Rng,
     update_share: f64,
     total: u32,
@@ -48,7 +48,7 @@ pub struct Generator {
 }
 
 impl Generator {
-    pub fn new(update_share: f64, seed: u64) -> Self {
+    pub(crate) fn new(update_share: f64, seed: u64) -> Self {
         Self {
             rng: fastrand::Rng::with_seed(seed),
             update_share,
@@ -60,7 +60,7 @@ impl Generator {
     }
 
     /// The next event's body.
-    pub fn next_body(&mut self) -> Vec<u8> {
+    pub(crate) fn next_body(&mut self) -> Vec<u8> {
         let (rng, update_share, total, templates, created) = (
             &mut self.rng,
             self.update_share,

@@ -10,26 +10,26 @@ use anyhow::Context as _;
 use stripe_sync_testkit::eventually;
 
 /// Paths of the release binaries.
-pub struct Binaries {
+pub(crate) struct Binaries {
     pub ingest: PathBuf,
     pub applier: PathBuf,
     pub bench: PathBuf,
 }
 
 /// The repository root.
-pub fn repo() -> PathBuf {
+pub(crate) fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 /// Where logs and raw results go.
-pub fn out_dir() -> PathBuf {
+pub(crate) fn out_dir() -> PathBuf {
     let dir = repo().join("bench/out");
     let _ = std::fs::create_dir_all(dir.join("logs"));
     dir
 }
 
 /// Builds the release binaries of ingest and applier (cargo does nothing when they are up to date).
-pub fn build_binaries() -> anyhow::Result<Binaries> {
+pub(crate) fn build_binaries() -> anyhow::Result<Binaries> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(repo())
@@ -55,13 +55,13 @@ pub fn build_binaries() -> anyhow::Result<Binaries> {
 }
 
 /// A child process, killed on drop.
-pub struct Proc {
+pub(crate) struct Proc {
     child: Option<Child>,
 }
 
 impl Proc {
-    /// Starts `bin` with `args` and `env`, logging to bench/out/logs/<name>.log.
-    pub fn spawn(
+    /// Starts `bin` with `args` and `env`, logging to `bench/out/logs/<name>.log`.
+    pub(crate) fn spawn(
         bin: &Path,
         args: &[&str],
         env: &HashMap<String, String>,
@@ -88,7 +88,7 @@ impl Proc {
         Ok(Self { child: Some(child) })
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
     }
 
@@ -99,17 +99,17 @@ impl Proc {
     }
 
     /// Peak resident memory so far, in MiB (VmHWM).
-    pub fn peak_rss_mib(&self) -> f64 {
+    pub(crate) fn peak_rss_mib(&self) -> f64 {
         self.status_field("VmHWM:").unwrap_or(0) as f64 / 1024.0
     }
 
     /// Resident memory now, in MiB.
-    pub fn rss_mib(&self) -> f64 {
+    pub(crate) fn rss_mib(&self) -> f64 {
         self.status_field("VmRSS:").unwrap_or(0) as f64 / 1024.0
     }
 
     /// Waits for a process that exits by itself.
-    pub async fn wait(mut self) -> Option<i32> {
+    pub(crate) async fn wait(mut self) -> Option<i32> {
         let mut child = self.child.take()?;
         tokio::task::spawn_blocking(move || child.wait().ok()?.code())
             .await
@@ -117,7 +117,7 @@ impl Proc {
     }
 
     /// SIGTERM and wait (bounded) for the exit.
-    pub async fn stop(mut self) -> Option<i32> {
+    pub(crate) async fn stop(mut self) -> Option<i32> {
         let mut child = self.child.take()?;
         let _ = Command::new("kill")
             .arg("-TERM")
@@ -151,7 +151,7 @@ impl Drop for Proc {
 }
 
 /// Waits until `http://127.0.0.1:<port><path>` answers 200.
-pub async fn wait_http_ok(port: u16, path: &str) {
+pub(crate) async fn wait_http_ok(port: u16, path: &str) {
     eventually(
         Duration::from_secs(60),
         &format!("port {port} {path} answers 200"),

@@ -11,11 +11,11 @@ use stripe_sync_testkit::unique_name;
 use crate::harness::{Binaries, Proc, wait_http_ok};
 use crate::loadgen::{Bodies, LoadResult, closed_loop};
 
-pub const SECRET: &str = "whsec_bench";
+pub(crate) const SECRET: &str = "whsec_bench";
 
 /// One load run's numbers.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Run {
+pub(crate) struct Run {
     pub rate: f64,
     pub p50_ms: f64,
     pub p90_ms: f64,
@@ -41,7 +41,7 @@ impl Run {
 
 /// Ingest and its ceilings.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     pub connections: usize,
     pub ingest: Run,
     pub noop: Run,
@@ -110,7 +110,7 @@ async fn jetstream_only(
 }
 
 /// Environment of an ingest process against `nats` and `stream`.
-pub fn ingest_env(nats: &TestNats, stream: &str, port: u16) -> HashMap<String, String> {
+pub(crate) fn ingest_env(nats: &TestNats, stream: &str, port: u16) -> HashMap<String, String> {
     HashMap::from([
         ("NATS_URL".into(), nats.url()),
         ("PORT".into(), port.to_string()),
@@ -126,7 +126,7 @@ pub fn ingest_env(nats: &TestNats, stream: &str, port: u16) -> HashMap<String, S
 }
 
 /// Runs both under `connections` connections for `duration` each (after a warm-up).
-pub async fn run(
+pub(crate) async fn run(
     bins: &Binaries,
     nats: &TestNats,
     connections: usize,
@@ -174,7 +174,7 @@ pub async fn run(
 }
 
 /// The no-op ceiling: axum reading the body and answering 200, nothing else.
-pub async fn noop_server(port: u16) -> anyhow::Result<()> {
+pub(crate) async fn noop_server(port: u16) -> anyhow::Result<()> {
     use axum::routing::{get, post};
     let app = axum::Router::new()
         .route(

@@ -15,7 +15,7 @@ use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 
 /// Builds distinct signed webhook bodies from a set of realistic templates.
-pub struct Bodies {
+pub(crate) struct Bodies {
     templates: Vec<Vec<u8>>,
     secret: String,
     counter: AtomicU64,
@@ -25,7 +25,7 @@ pub struct Bodies {
 const ID_MARKER: &[u8] = b"evt_bench";
 
 impl Bodies {
-    pub fn new(secret: &str, offset: u64) -> Self {
+    pub(crate) fn new(secret: &str, offset: u64) -> Self {
         Self {
             templates: crate::events::generate(2_000, 0.3, 11),
             secret: secret.to_owned(),
@@ -34,7 +34,7 @@ impl Bodies {
     }
 
     /// The next body (with a fresh event id) and its `Stripe-Signature`, and its event id.
-    pub fn next(&self) -> (Bytes, String, String) {
+    pub(crate) fn next(&self) -> (Bytes, String, String) {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let mut body = self.templates[(n % self.templates.len() as u64) as usize].clone();
         let at = body
@@ -58,7 +58,7 @@ impl Bodies {
 }
 
 /// What a load run measured.
-pub struct LoadResult {
+pub(crate) struct LoadResult {
     pub ok: u64,
     pub failed: u64,
     pub elapsed: Duration,
@@ -67,11 +67,11 @@ pub struct LoadResult {
 }
 
 impl LoadResult {
-    pub fn rate(&self) -> f64 {
+    pub(crate) fn rate(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64()
     }
 
-    pub fn percentile_ms(&self, p: f64) -> f64 {
+    pub(crate) fn percentile_ms(&self, p: f64) -> f64 {
         self.latency.value_at_quantile(p) as f64 / 1000.0
     }
 }
@@ -103,7 +103,7 @@ async fn send(sender: &mut Sender, bodies: &Bodies, path: &str) -> anyhow::Resul
 }
 
 /// Closed loop: `connections` connections each send back to back for `warmup + duration`; only `duration` counts.
-pub async fn closed_loop(
+pub(crate) async fn closed_loop(
     port: u16,
     path: &str,
     connections: usize,
@@ -176,7 +176,7 @@ type Counts = (u64, u64, Histogram<u64>);
 
 /// Paced: `rate` requests a second for `duration`, over a pool of connections; calls `on_accepted` with each event id
 /// answered 200 and the instant the answer came.
-pub async fn paced(
+pub(crate) async fn paced(
     port: u16,
     rate: u32,
     duration: Duration,

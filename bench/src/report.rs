@@ -10,7 +10,7 @@ use crate::ceiling::Ceiling;
 
 /// Everything one `all` run measured.
 #[derive(Debug, Default, serde::Serialize)]
-pub struct Results {
+pub(crate) struct Results {
     pub machine: String,
     pub ingest: Option<crate::ingest::Report>,
     pub drains: Vec<Drain>,
@@ -21,7 +21,7 @@ pub struct Results {
 }
 
 /// CPU model, cores and memory, for the record.
-pub fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -46,7 +46,7 @@ pub fn machine() -> String {
 }
 
 impl Results {
-    pub fn markdown(&self) -> String {
+    pub(crate) fn markdown(&self) -> String {
         let mut out = format!("Machine: {}\n\n", self.machine);
         if let Some(i) = &self.ingest {
             out += &format!(
@@ -149,7 +149,7 @@ impl Results {
     }
 
     /// Draws throughput by number of appliers (with the Postgres ceiling) and latency percentiles.
-    pub fn chart(&self, path: &Path) -> anyhow::Result<()> {
+    pub(crate) fn chart(&self, path: &Path) -> anyhow::Result<()> {
         register_font(
             "sans-serif",
             FontStyle::Normal,
