@@ -267,21 +267,20 @@ fn list_sql(parent: &ObjectSpec, child: &ChildList, columns: &[TypedColumn]) -> 
               and {list} -> 'has_more' is distinct from 'true'::jsonb)"
         )
     };
-    let names = |list: &str, id: &str| {
-        format!(
-            "exists (select 1 from jsonb_array_elements({list} -> 'data') as named where named ->> 'id' = {id})"
-        )
-    };
+    // The ids of the parent's current list, read once per parent write.
+    let names = |p: &str, id: &str| format!("{id} = any({p}.current_ids)");
     let (parent_column, parent_value, item_key, item_deleted, flagged) = if child.owned {
         let gone_unnamed = format!("(p.parent_deleted or {})", complete("p.current_list"));
         (
             "_parent_id, ",
             "i.id, ",
             "p.account, p.livemode, p.id, item ->> 'id'",
+            // The write that became the parent's state names its items: only a losing write's items are checked
+            // against the current list.
             format!(
-                "(i.parent_deleted or ({} and not {}))",
+                "case when i.won then i.parent_deleted else (i.parent_deleted or ({} and not {})) end",
                 complete("i.current_list"),
-                names("i.current_list", "i.item ->> 'id'")
+                names("i", "i.item ->> 'id'")
             ),
             format!(
                 "update stripe.\"{child_table}\" as t set deleted = {gone_unnamed}, _updated_at = now() \
@@ -289,7 +288,7 @@ fn list_sql(parent: &ObjectSpec, child: &ChildList, columns: &[TypedColumn]) -> 
                  where p.won and t._account_id = p.account and t.livemode = p.livemode and t._parent_id = p.id \
                    and not {named} and t.deleted is distinct from {gone_unnamed} \
                  returning 1",
-                named = names("p.current_list", "t.id"),
+                named = names("p", "t.id"),
             ),
         )
     } else {
@@ -301,10 +300,18 @@ fn list_sql(parent: &ObjectSpec, child: &ChildList, columns: &[TypedColumn]) -> 
             "select 1 where false".to_owned(),
         )
     };
+    // A write that lost: its list, from its event (a winner's is the parent's current list, read anyway).
+    let event_list = format!(
+        "select e._raw_data -> 'data' -> 'object' -> '{field}' from stripe.events e \
+         where e._account_id = w.account and e.id = w.event_id limit 1"
+    );
     format!(
         "with parents as ( \
-           select w.*, ev.object -> '{field}' as list, cur.list as current_list, cur.deleted as parent_deleted \
-           from {WRITES_WON} cross join lateral ({EVENT_OBJECT}) ev \
+           select w.*, cur.list as current_list, cur.deleted as parent_deleted, \
+             case when w.won then cur.list else ({event_list}) end as list, \
+             array(select named ->> 'id' from jsonb_array_elements(case when jsonb_typeof(cur.list -> 'data') = 'array' \
+               then cur.list -> 'data' else '[]'::jsonb end) as named) as current_ids \
+           from {WRITES_WON} \
            cross join lateral (select p._raw_data -> '{field}' as list, p.deleted from stripe.\"{parent_table}\" p \
              where p._account_id = w.account and p.livemode = w.livemode and p.id = w.id limit 1) cur), \
          items as ( \

@@ -1,6 +1,6 @@
 //! A partition's worker: a thin loop around [`crate::decision`] and [`crate::batch`]. It holds every message it
-//! received until it is acked, dead-lettered or handed back, and extends every held message's ack deadline three
-//! times per `ack_wait`, whatever it is waiting for (a database slot, a retry, a parked event's turn), so a message
+//! received until it is acked, dead-lettered or handed back, and extends the ack deadline of every message held
+//! longer than a third of `ack_wait`, whatever it is waiting for (a database slot, a retry, a parked event's turn), so a message
 //! is never redelivered while this worker has it.
 //!
 //! Batches are formed once a database slot is free, from what has arrived by then (up to `batch_size`). An event
@@ -8,7 +8,8 @@
 //! flowing; at the policy's word it goes to the dead letter. When its channel closes (the partition is handed
 //! over, or the applier stops), the worker finishes the attempt in progress and hands back (naks) everything else.
 
-use std::collections::{BTreeMap, VecDeque};
+mod jobs;
+
 use std::future::Future;
 use std::num::NonZeroUsize;
 use std::pin::Pin;
@@ -21,14 +22,14 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::Instant;
-use tokio_util::time::DelayQueue;
-use tracing::Instrument as _;
 
 use crate::apply::Writer;
-use crate::batch::{self, Settled};
+use crate::batch::Settled;
 use crate::dead_letter::Letter;
-use crate::decision::{Failure, Policy, Tries, Verdict};
-use crate::event::Incoming;
+use crate::decision::{Policy, Verdict};
+use jobs::{Job, Running, State};
+
+type SlotWait = Pin<Box<dyn Future<Output = Option<OwnedSemaphorePermit>> + Send>>;
 
 /// A message as the worker needs it: JetStream's, or a stand-in in tests.
 pub trait Delivery: Send + Sync + 'static {
@@ -69,64 +70,17 @@ pub struct Worker<W, L> {
     pub epoch: i32,
 }
 
-/// A message held by the worker.
-struct Held<M> {
-    message: M,
-    span: tracing::Span,
-    event: Result<Incoming, String>,
-    tries: Tries,
-    /// The last failure, for the dead letter.
-    last_error: String,
-    /// Waiting to be published to the dead letter (after a failed publish), rather than parked for a retry.
-    to_dead_letter: bool,
-}
-
-/// What the worker is doing besides waiting: applying a batch or retrying one parked event (the stream sequences
-/// and what became of each), or publishing one event to the dead letter.
-enum Job {
-    Apply(Vec<u64>, Vec<Settled>),
-    DeadLetter(u64, Result<(), String>),
-}
-
-type Running = Pin<Box<dyn Future<Output = Job> + Send>>;
-type SlotWait = Pin<Box<dyn Future<Output = Option<OwnedSemaphorePermit>> + Send>>;
-
-/// The worker's state: every held message and where it waits.
-struct State<M> {
-    held: BTreeMap<u64, Held<M>>,
-    /// Received, not tried yet, in stream order.
-    queue: VecDeque<u64>,
-    /// Parked events whose retry is due.
-    due: VecDeque<u64>,
-    /// Events to publish to the dead letter.
-    dead: VecDeque<u64>,
-    /// Parked events, and dead letters to publish again, by when.
-    parked: DelayQueue<u64>,
-}
-
-impl<M: Delivery> State<M> {
-    fn receive(&mut self, held: Held<M>) {
-        let seq = held.message.stream_seq();
-        self.held.insert(seq, held);
-        self.queue.push_back(seq);
-    }
-}
-
 impl<W: Writer + 'static, L: DeadLetters> Worker<W, L> {
     /// Runs until `rx` closes, then finishes the attempt in progress and naks everything still held.
     pub async fn run<M: Delivery>(self, mut rx: mpsc::Receiver<M>) {
-        let mut state = State {
-            held: BTreeMap::new(),
-            queue: VecDeque::new(),
-            due: VecDeque::new(),
-            dead: VecDeque::new(),
-            parked: DelayQueue::new(),
-        };
+        let mut state = State::default();
         let mut job: Option<(Running, Option<OwnedSemaphorePermit>)> = None;
         let mut slot_wait: Option<SlotWait> = None;
         let (stop_tx, stop_rx) = watch::channel(false);
+        // Extended only when their deadline comes near: checked twice per `progress_every`, a message is extended
+        // within 1.5 × `progress_every` (half of `ack_wait`) of its last extension, and one applied quickly never is.
         let every = self.policy.progress_every();
-        let mut progress = tokio::time::interval_at(Instant::now() + every, every);
+        let mut progress = tokio::time::interval_at(Instant::now() + every / 2, every / 2);
         let mut first_queued = Instant::now();
         let mut open = true;
         while open || job.is_some() {
@@ -189,8 +143,10 @@ impl<W: Writer + 'static, L: DeadLetters> Worker<W, L> {
                     }
                 }
                 _ = progress.tick() => {
-                    for h in state.held.values() {
+                    let now = Instant::now();
+                    for h in state.held.values_mut().filter(|h| now - h.extended_at >= every) {
                         h.message.ack(AckKind::Progress).await;
+                        h.extended_at = now;
                     }
                 }
                 () = tokio::time::sleep_until(batch_due), if idle && !state.queue.is_empty() => {}
@@ -259,111 +215,7 @@ impl<W: Writer + 'static, L: DeadLetters> Worker<W, L> {
             }
         }
     }
-
-    fn hold<M: Delivery>(&self, message: M) -> Held<M> {
-        let seq = message.stream_seq();
-        let span = tracing::info_span!(
-            "event",
-            partition = self.partition,
-            seq,
-            event_id = tracing::field::Empty,
-            event_type = tracing::field::Empty
-        );
-        stripe_sync_shared::telemetry::continue_trace(&span, message.headers());
-        let order = crate::store::order_of(self.epoch, seq);
-        let event = Incoming::from_bytes(order, message.payload()).map_err(|e| e.to_string());
-        match &event {
-            Ok(e) => {
-                span.record("event_id", e.id.as_str());
-                span.record("event_type", e.event_type.as_str());
-            }
-            Err(error) => tracing::warn!(parent: &span, %error, "unreadable event"),
-        }
-        Held {
-            message,
-            span,
-            event,
-            tries: Tries::default(),
-            last_error: String::new(),
-            to_dead_letter: false,
-        }
-    }
-
-    fn apply_job<M: Delivery>(
-        &self,
-        seqs: Vec<u64>,
-        held: &BTreeMap<u64, Held<M>>,
-        mut stop: watch::Receiver<bool>,
-    ) -> Running {
-        let (writer, policy) = (self.writer.clone(), self.policy.clone());
-        let mut settled = vec![Settled::Stopped; seqs.len()];
-        let (mut events, mut readable) = (Vec::new(), Vec::new());
-        for (i, seq) in seqs.iter().enumerate() {
-            match &held[seq].event {
-                Ok(event) => {
-                    events.push(event.clone());
-                    readable.push(i);
-                }
-                Err(error) => {
-                    settled[i] = Settled::Failed {
-                        failure: Failure::Rejected,
-                        error: error.clone(),
-                    };
-                }
-            }
-        }
-        let span = tracing::info_span!(
-            "apply_batch",
-            partition = self.partition,
-            events = events.len()
-        );
-        Box::pin(
-            async move {
-                if !events.is_empty() {
-                    let (outcomes, report) =
-                        batch::apply(&*writer, &policy, &events, &mut stop).await;
-                    tracing::debug!(
-                        new = report.new,
-                        rows = report.rows_written,
-                        stale = report.rows_stale,
-                        "batch done"
-                    );
-                    for (i, outcome) in readable.into_iter().zip(outcomes) {
-                        settled[i] = outcome;
-                    }
-                }
-                Job::Apply(seqs, settled)
-            }
-            .instrument(span),
-        )
-    }
-
-    fn dead_letter_job<M: Delivery>(&self, seq: u64, h: &Held<M>) -> Running {
-        let sink = self.dead_letter.clone();
-        let event = h.event.as_ref().ok();
-        let event_type = event.map(|e| e.event_type.clone());
-        let event_id = event.map(|e| e.id.clone());
-        let headers = h.message.headers().cloned();
-        let payload = h.message.payload();
-        let (attempts, error) = (h.tries.attempts, h.last_error.clone());
-        Box::pin(async move {
-            let letter = Letter {
-                headers: headers.as_ref(),
-                payload,
-                event_type: event_type.as_deref(),
-                event_id: event_id.as_deref(),
-                stream_seq: seq,
-                attempts,
-                error: &error,
-            };
-            Job::DeadLetter(
-                seq,
-                sink.publish(letter).await.map_err(|e| format!("{e:#}")),
-            )
-        })
-    }
 }
 
 #[cfg(test)]
-#[path = "worker_tests.rs"]
 mod tests;

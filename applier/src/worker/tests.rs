@@ -433,3 +433,24 @@ async fn a_batch_takes_what_arrived_while_it_waited_for_a_slot() {
     );
     h.close().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_message_applied_well_within_ack_wait_costs_no_extension() {
+    let database = Database {
+        delay: Duration::from_secs(2),
+        ..Database::default()
+    };
+    let mut h = start(database, Letters::default());
+    // Arrives just before the worker's periodic check, and is applied 2 s later.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let seqs = h.send(&["evt_1", "evt_2"]).await;
+    h.settled(&seqs).await;
+    for seq in &seqs {
+        assert!(
+            !h.acks(*seq).iter().any(|(k, _)| *k == Ack::Progress),
+            "{:?}",
+            h.acks(*seq)
+        );
+    }
+    h.close().await;
+}
