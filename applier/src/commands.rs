@@ -131,3 +131,90 @@ pub async fn dlq_redrive(
     }
     Ok((applied, failing))
 }
+
+/// The API side's tools: Stripe's API, the stream to publish to, the checkpoints' database.
+pub async fn backfill_context(settings: &Settings) -> anyhow::Result<crate::backfill::Backfill> {
+    let api = Arc::new(crate::api::StripeClient::new(&settings.stripe)?);
+    let applier = applier(settings).await?;
+    let (client, _stream, topology) =
+        startup::connect_streams(settings, "stripe-sync-applier-api").await?;
+    Ok(crate::backfill::Backfill {
+        publisher: crate::snapshot::Publisher::new(
+            async_nats::jetstream::new(client),
+            topology,
+            api.api_version(),
+        ),
+        api,
+        pool: applier.pool().clone(),
+        registry: Registry::shipped(),
+        types_in_parallel: settings.stripe.types_in_parallel.get(),
+        ranges_per_type: settings.stripe.ranges_per_type.get(),
+        progress: crate::backfill::Progress::default(),
+    })
+}
+
+/// Runs a backfill, reporting progress meanwhile.
+pub async fn backfill(
+    settings: &Settings,
+    options: &crate::backfill::Options,
+) -> anyhow::Result<crate::backfill::Summary> {
+    let backfill = backfill_context(settings).await?;
+    let reporter = tokio::spawn(
+        backfill
+            .progress
+            .clone()
+            .report(std::time::Duration::from_secs(2)),
+    );
+    let summary = backfill.run(options).await;
+    reporter.abort();
+    summary
+}
+
+/// Re-reads a table now (`ids` empty), or the given objects.
+pub async fn sync(
+    settings: &Settings,
+    table: &str,
+    account: Option<&str>,
+    ids: &[String],
+) -> anyhow::Result<String> {
+    let backfill = backfill_context(settings).await?;
+    let options = crate::backfill::Options {
+        objects: vec![table.to_owned()],
+        restart: true,
+        ..Default::default()
+    };
+    let spec = backfill
+        .types(&options)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("nothing to sync"))?;
+    if ids.is_empty() {
+        let summary = backfill.run(&options).await?;
+        anyhow::ensure!(summary.ok(), "{summary}");
+        return Ok(summary.to_string());
+    }
+    let mut out = String::new();
+    for (id, outcome) in backfill.sync_ids(spec, account, ids).await? {
+        out += &format!("{id}\t{outcome:?}\n");
+    }
+    Ok(out)
+}
+
+/// Publishes the events of Stripe's `GET /v1/events` since `since`.
+pub async fn recover(
+    settings: &Settings,
+    since: i64,
+    undelivered_only: bool,
+) -> anyhow::Result<crate::recover::Recovered> {
+    let api = crate::api::StripeClient::new(&settings.stripe)?;
+    let (client, _stream, topology) =
+        startup::connect_streams(settings, "stripe-sync-applier-api").await?;
+    crate::recover::recover(
+        &api,
+        &async_nats::jetstream::new(client),
+        &topology,
+        since,
+        undelivered_only,
+    )
+    .await
+}

@@ -139,7 +139,9 @@ impl Incoming {
 
     /// What kind of write the event is, for ordering within a second.
     pub fn kind(&self) -> Kind {
-        if self.event_type.ends_with(".created") {
+        if self.event_type.starts_with(crate::snapshot::SNAPSHOT_TYPE) {
+            Kind::Snapshot
+        } else if self.event_type.ends_with(".created") {
             Kind::Created
         } else {
             Kind::Change

@@ -6,7 +6,10 @@
 //! writes, by [`version`]), [`store`] (all SQL, with the ordering guard), guided by the [`registry`]. The
 //! [`supervisor`] deals partitions among appliers ([`membership`]); [`startup`] builds and runs it all.
 
+pub mod admin;
+pub mod api;
 pub mod apply;
+pub mod backfill;
 pub mod batch;
 pub mod commands;
 pub mod consumer;
@@ -17,9 +20,11 @@ pub mod event;
 pub mod membership;
 pub mod migrate;
 pub mod plan;
+pub mod recover;
 pub mod registry;
 pub mod replay;
 pub mod settings;
+pub mod snapshot;
 pub mod startup;
 pub mod store;
 pub mod supervisor;

@@ -31,6 +31,50 @@ enum Command {
     /// Inspect and redrive the dead letter.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Load the account's existing objects from Stripe's API (needs STRIPE_API_KEY). Resumable: run it again after
+    /// an interruption and it continues where it stopped.
+    Backfill(BackfillArgs),
+    /// Read one table (or given objects) from Stripe's API again, now.
+    Sync(SyncArgs),
+    /// Close a gap of missed webhooks from Stripe's events of the last 30 days (`GET /v1/events`).
+    Recover(RecoverArgs),
+}
+
+#[derive(Args)]
+struct BackfillArgs {
+    /// Object types or tables, comma-separated (default: every listable type).
+    #[arg(long, value_delimiter = ',')]
+    objects: Vec<String>,
+    /// Only objects created at or after this time (RFC 3339).
+    #[arg(long, value_parser = parse_time)]
+    since: Option<OffsetDateTime>,
+    /// Also load every connected account's objects.
+    #[arg(long)]
+    connected_accounts: bool,
+    /// Start over instead of resuming an unfinished backfill that asked for the same.
+    #[arg(long)]
+    restart: bool,
+}
+
+#[derive(Args)]
+struct SyncArgs {
+    /// A table (`customers`) or object type (`customer`).
+    table: String,
+    /// Object ids; none: the whole table.
+    ids: Vec<String>,
+    /// The connected account the ids belong to.
+    #[arg(long)]
+    account: Option<String>,
+}
+
+#[derive(Args)]
+struct RecoverArgs {
+    /// Start of the gap (RFC 3339); at most 30 days ago.
+    #[arg(long, value_parser = parse_time)]
+    since: OffsetDateTime,
+    /// Only events whose webhook delivery failed (`delivery_success=false`).
+    #[arg(long)]
+    undelivered_only: bool,
 }
 
 #[derive(Args)]
@@ -92,6 +136,40 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Replay(args) => replay(&settings, args).await,
+        Command::Backfill(args) => {
+            let options = stripe_sync_applier::backfill::Options {
+                objects: args.objects,
+                since: args.since.map_or(0, OffsetDateTime::unix_timestamp),
+                connected_accounts: args.connected_accounts,
+                restart: args.restart,
+            };
+            let summary = commands::backfill(&settings, &options).await?;
+            print!("{summary}");
+            anyhow::ensure!(
+                summary.ok(),
+                "some object types failed; run the same backfill again to resume"
+            );
+            Ok(())
+        }
+        Command::Sync(args) => {
+            let out =
+                commands::sync(&settings, &args.table, args.account.as_deref(), &args.ids).await?;
+            print!("{out}");
+            Ok(())
+        }
+        Command::Recover(args) => {
+            let recovered = commands::recover(
+                &settings,
+                args.since.unix_timestamp(),
+                args.undelivered_only,
+            )
+            .await?;
+            println!(
+                "{} events read from Stripe, {} not in the stream yet and published (the database skips those it has)",
+                recovered.read, recovered.published
+            );
+            Ok(())
+        }
         Command::Dlq(DlqCommand::List) => {
             println!("EVENT ID\tTYPE\tFAILED AT\tATTEMPTS\tSTREAM SEQ\tERROR");
             let count = commands::dlq_list(&settings, |l| {

@@ -65,6 +65,30 @@ pub struct ObjectSpec {
     /// Parents that embed lists of this object.
     #[serde(default)]
     pub embedded_in: Vec<EmbeddedIn>,
+    /// How the API lists it, if it can be listed on its own.
+    #[serde(default)]
+    pub list: Option<ListEndpoint>,
+}
+
+/// An API operation listing an object type.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListEndpoint {
+    /// `/v1/customers`; `{account}` stands for a connected account's id.
+    pub path: String,
+    /// Query parameters it always takes (`status = "all"`).
+    #[serde(default)]
+    pub query: std::collections::BTreeMap<String, String>,
+    /// Whether it filters by `created` (so it can be split into ranges).
+    #[serde(default = "yes")]
+    pub created: bool,
+    /// The field naming the connected account an object belongs to, when the list is the platform's view.
+    #[serde(default)]
+    pub account_field: Option<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// An embedded list, seen from the parent.
@@ -244,6 +268,68 @@ mod tests {
         assert!(
             unmapped.is_empty(),
             "neither mapped nor skipped with a reason: {unmapped:#?}"
+        );
+    }
+
+    #[test]
+    fn list_endpoints_are_the_ones_stripes_sdk_names() {
+        let text = include_str!("../../testdata/stripe/list-endpoints.json");
+        let sdk: std::collections::BTreeMap<String, serde_json::Value> =
+            serde_json::from_str(text).unwrap();
+        let mut listable = 0;
+        for spec in Registry::shipped().objects() {
+            let operations = sdk.get(&spec.object_type).and_then(|v| v.as_array());
+            let Some(list) = &spec.list else {
+                // Not listed: the SDK has no list of its own without a parent id (or none at all).
+                let top_level = operations.is_some_and(|ops| {
+                    ops.iter().any(|op| {
+                        op["path_params"].as_array().is_some_and(Vec::is_empty)
+                            && op["required"].as_array().is_some_and(Vec::is_empty)
+                    })
+                });
+                assert!(
+                    !top_level,
+                    "{} has a list endpoint the registry lacks",
+                    spec.object_type
+                );
+                continue;
+            };
+            listable += 1;
+            let op = operations
+                .and_then(|ops| ops.iter().find(|op| op["path"] == list.path.as_str()))
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{}: {} is not an SDK list operation",
+                        spec.object_type, list.path
+                    )
+                });
+            assert_eq!(
+                op["created_filter"].as_bool().unwrap_or(false),
+                list.created,
+                "{}: created filter",
+                spec.object_type
+            );
+            for key in list.query.keys() {
+                assert_eq!(key, "status");
+                assert!(
+                    op["status_values"]
+                        .as_array()
+                        .unwrap()
+                        .contains(&"all".into())
+                );
+            }
+        }
+        assert!(listable >= 50, "{listable}");
+        assert_eq!(
+            Registry::shipped()
+                .get("subscription")
+                .unwrap()
+                .list
+                .as_ref()
+                .unwrap()
+                .query["status"],
+            "all",
+            "canceled subscriptions are listed too"
         );
     }
 

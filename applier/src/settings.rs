@@ -21,6 +21,18 @@ pub const PLAIN_ENV: &[PlainEnv] = &[
         var: "STRIPE_ACCOUNT_ID",
         key: "applier.account_id",
     },
+    PlainEnv {
+        var: "STRIPE_API_KEY",
+        key: "stripe.api_key",
+    },
+    PlainEnv {
+        var: "STRIPE_API_BASE",
+        key: "stripe.api_base",
+    },
+    PlainEnv {
+        var: "STRIPE_SYNC_ADMIN_TOKEN",
+        key: "admin.token",
+    },
 ];
 
 /// Everything `stripe-sync-applier` reads at start.
@@ -31,6 +43,10 @@ pub struct Settings {
     pub database: DatabaseSettings,
     /// Consuming and applying.
     pub applier: ApplierSettings,
+    /// Stripe's API (backfill, sync, recover).
+    pub stripe: StripeSettings,
+    /// The admin listener (`POST /backfill`...).
+    pub admin: AdminSettings,
     /// NATS connection.
     pub nats: NatsSettings,
     /// Events stream and dead-letter stream.
@@ -133,6 +149,72 @@ pub struct ApplierSettings {
     /// Longest wait between retries. Database outages retry without limit.
     #[serde(with = "positive_duration")]
     pub retry_max: Duration,
+}
+
+/// Stripe's API, for the API side.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StripeSettings {
+    /// `STRIPE_API_KEY`: a secret key (`sk_...`) or a restricted key with read access (`rk_...`). Never logged.
+    pub api_key: Option<SecretString>,
+    /// `STRIPE_API_BASE`: where the API is.
+    pub api_base: String,
+    /// The API version every request is pinned to (`Stripe-Version`): the one the tables' columns follow.
+    pub api_version: String,
+    /// Requests per second with a live key (Stripe allows 100 per account; calls for connected accounts share it).
+    pub live_requests_per_second: NonZeroU32,
+    /// Requests per second with a test key (Stripe allows 25).
+    pub test_requests_per_second: NonZeroU32,
+    /// Requests per second to one endpoint (Stripe allows 25).
+    pub endpoint_requests_per_second: NonZeroU32,
+    /// Attempts per request before giving up (429s, 5xx, connection errors, garbage).
+    pub max_attempts: NonZeroU32,
+    /// Longest a request may take.
+    #[serde(with = "positive_duration")]
+    pub request_timeout: Duration,
+    /// Object types a backfill lists at once.
+    pub types_in_parallel: NonZeroUsize,
+    /// `created` ranges of one type a backfill lists at once.
+    pub ranges_per_type: NonZeroUsize,
+}
+
+impl Default for StripeSettings {
+    fn default() -> Self {
+        Self {
+            api_key: None,
+            api_base: "https://api.stripe.com".into(),
+            api_version: "2026-07-29.dahlia".into(),
+            live_requests_per_second: NonZeroU32::new(80).unwrap_or(NonZeroU32::MIN),
+            test_requests_per_second: NonZeroU32::new(20).unwrap_or(NonZeroU32::MIN),
+            endpoint_requests_per_second: NonZeroU32::new(20).unwrap_or(NonZeroU32::MIN),
+            max_attempts: NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN),
+            request_timeout: Duration::from_secs(30),
+            types_in_parallel: NonZeroUsize::new(8).unwrap_or(NonZeroUsize::MIN),
+            ranges_per_type: NonZeroUsize::new(4).unwrap_or(NonZeroUsize::MIN),
+        }
+    }
+}
+
+/// The admin listener: backfills and syncs over HTTP. Off unless a token is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSettings {
+    /// `STRIPE_SYNC_ADMIN_TOKEN`: the bearer token every request must carry; unset, the listener is off.
+    pub token: Option<SecretString>,
+    /// Address to bind.
+    pub host: String,
+    /// Port (never the webhook port: ingest serves webhooks, the applier this).
+    pub port: u16,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        Self {
+            token: None,
+            host: "0.0.0.0".into(),
+            port: 9470,
+        }
+    }
 }
 
 impl Default for ApplierSettings {

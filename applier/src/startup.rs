@@ -109,6 +109,8 @@ pub async fn epoch_of(pool: &PgPool, stream: &Stream) -> anyhow::Result<i32> {
 pub struct Application {
     shared: Shared,
     membership: Membership,
+    /// The admin listener, bound when `STRIPE_SYNC_ADMIN_TOKEN` is set.
+    admin: Option<tokio::net::TcpListener>,
 }
 
 impl Application {
@@ -124,6 +126,17 @@ impl Application {
             })
             .await?;
         }
+        let admin = match &settings.admin.token {
+            Some(_) => {
+                let address = format!("{}:{}", settings.admin.host, settings.admin.port);
+                Some(
+                    tokio::net::TcpListener::bind(&address)
+                        .await
+                        .with_context(|| format!("binding the admin listener on {address}"))?,
+                )
+            }
+            None => None,
+        };
         let js = jetstream::new(client.clone());
         let membership =
             Membership::join(&js, &settings.stream.name, settings.applier.member_ttl).await?;
@@ -143,7 +156,19 @@ impl Application {
             topology,
             epoch,
         };
-        Ok(Self { shared, membership })
+        Ok(Self {
+            shared,
+            membership,
+            admin,
+        })
+    }
+
+    /// The admin listener's port, when it is on.
+    pub fn admin_port(&self) -> Option<u16> {
+        self.admin
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.port())
     }
 
     /// This applier's id among the appliers.
@@ -159,8 +184,30 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let Self { shared, membership } = self;
+        let Self {
+            shared,
+            membership,
+            admin,
+        } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
+        if let (Some(listener), Some(token)) = (admin, shared.settings.admin.token.clone()) {
+            let router = crate::admin::router(shared.settings.clone(), token);
+            let mut stop = stop_rx.clone();
+            tracing::info!(
+                port = listener.local_addr().map(|a| a.port()).unwrap_or(0),
+                "admin listener on"
+            );
+            tokio::spawn(async move {
+                let served = axum::serve(listener, router)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await;
+                if let Err(err) = served {
+                    tracing::warn!(error = %err, "the admin listener stopped");
+                }
+            });
+        }
         let stopper = tokio::spawn(async move {
             shutdown.await;
             let _ = stop_tx.send(true);

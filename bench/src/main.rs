@@ -2,7 +2,9 @@
 //! release binaries as processes, and measure each result against the machine's ceiling in the same run.
 
 mod applier;
+mod backfill;
 mod ceiling;
+mod direct;
 mod e2e;
 mod events;
 mod harness;
@@ -64,6 +66,17 @@ enum Command {
     /// Memory with a large backlog: one applier drains it; ingest takes load while it sits in the stream.
     Backlog {
         #[arg(long, default_value_t = 1_000_000)]
+        events: usize,
+    },
+    /// The backfill from the fake Stripe API (50 ms per page): with Stripe's rate limits, then without any while an
+    /// applier applies.
+    Backfill {
+        #[arg(long, default_value_t = 1_000_000)]
+        objects: usize,
+    },
+    /// The batch writer alone: batches of 500 generated events on one connection, no NATS.
+    Direct {
+        #[arg(long, default_value_t = 100_000)]
         events: usize,
     },
     /// (internal) The no-op HTTP server of the ingest ceiling.
@@ -208,6 +221,41 @@ async fn main() -> anyhow::Result<()> {
             backlog(&bins, &nats, events, &mut results).await?;
             finish(&results, false)?;
         }
+        Command::Backfill { objects } => {
+            eprintln!("backfill of {objects} objects, Stripe's rate limits enforced by the fake");
+            let limited = backfill::run(&bins, &nats, objects, true, false).await?;
+            eprintln!("{limited:?}");
+            eprintln!("backfill of {objects} objects, no limits, one applier applying meanwhile");
+            let unlimited = backfill::run(&bins, &nats, objects, false, true).await?;
+            eprintln!("{unlimited:?}");
+            println!(
+                "| backfill | objects | published/s | ratio | applied/s | requests | 429s | peak RSS MiB |"
+            );
+            println!("|---|---|---|---|---|---|---|---|");
+            for run in [&limited, &unlimited] {
+                println!(
+                    "| {} | {} | {:.0} | {} | {} | {} | {} | {:.1} |",
+                    if run.limited {
+                        "Stripe's limits (100/s, 25/s per endpoint)"
+                    } else {
+                        "no limit, applier running"
+                    },
+                    run.objects,
+                    run.published_per_second,
+                    if run.limited {
+                        format!("{:.2} of 10,000/s", run.published_per_second / 10_000.0)
+                    } else {
+                        "-".into()
+                    },
+                    run.applied_per_second
+                        .map_or("-".into(), |r| format!("{r:.0}")),
+                    run.requests,
+                    run.rate_limited,
+                    run.peak_rss_mib
+                );
+            }
+        }
+        Command::Direct { events } => direct::run(events).await?,
         Command::NoopServer { .. } => {}
     }
     Ok(())

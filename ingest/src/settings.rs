@@ -43,6 +43,10 @@ pub struct Settings {
     pub database: serde::de::IgnoredAny,
     /// See `database`.
     pub applier: serde::de::IgnoredAny,
+    /// See `database`.
+    pub stripe: serde::de::IgnoredAny,
+    /// See `database`.
+    pub admin: serde::de::IgnoredAny,
 }
 
 impl Settings {

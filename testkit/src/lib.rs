@@ -8,6 +8,7 @@
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod db;
+pub mod fake_stripe;
 pub mod nats;
 pub mod postgres;
 pub mod proxy;

@@ -310,8 +310,14 @@ impl TestEnv {
 
     /// Starts the applier binary as its own process (killed when the handle drops), logging to a file.
     pub(crate) fn spawn_applier_process(&self, name: &str) -> ChildGuard {
+        self.spawn_applier_with_args(name, &[])
+    }
+
+    /// Starts the applier binary with arguments (a subcommand) as its own process, killed when the handle drops.
+    pub(crate) fn spawn_applier_with_args(&self, name: &str, args: &[&str]) -> ChildGuard {
         let log = std::env::temp_dir().join(format!("{}-{name}.log", self.stream_name));
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_stripe-sync-applier"))
+            .args(args)
             .envs(&self.env)
             .env("RUST_LOG", "info")
             .stdout(std::fs::File::create(&log).expect("log file"))

@@ -1,6 +1,7 @@
 //! The applier against a real Postgres and a real NATS JetStream (and ingest, for end-to-end tests).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod api_side;
 mod compose;
 mod coverage;
 mod dead_letters;

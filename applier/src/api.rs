@@ -1,0 +1,340 @@
+//! The Stripe API client of the API side: one place for the key, the pinned API version, Connect headers, the rate
+//! budget (the account's and each endpoint's, shared by every caller in the process) and retries. A 429 backs off
+//! with jitter (Stripe documents no `Retry-After`), `Stripe-Should-Retry` is honoured, a 429 `lock_timeout` is
+//! contention on one object rather than a rate limit, and 401/403 stop everything at once with a clear error.
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+
+use crate::settings::StripeSettings;
+
+/// Why a request did not give an object.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The key was refused: nothing else will work either.
+    #[error(
+        "Stripe refused the API key ({status}: {message}); check STRIPE_API_KEY (a secret key sk_... or a \
+         restricted key rk_... with read access)"
+    )]
+    Unauthorized {
+        /// 401 or 403.
+        status: u16,
+        /// Stripe's message.
+        message: String,
+    },
+    /// Stripe answered an error retrying can't fix (400, 402, 404, 409): a product not enabled, an object gone.
+    #[error("{status} {code}: {message}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// Stripe's error code (`resource_missing`...), if any.
+        code: String,
+        /// Stripe's message.
+        message: String,
+    },
+    /// Retries ran out.
+    #[error("gave up after {attempts} attempts: {last}")]
+    GaveUp {
+        /// Attempts made.
+        attempts: u32,
+        /// The last failure.
+        last: String,
+    },
+}
+
+impl ApiError {
+    /// 404: the object (or the list's parent) does not exist.
+    #[must_use]
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Self::Refused { status: 404, .. })
+    }
+}
+
+/// What to do with one response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A JSON object: done.
+    Done,
+    /// Try again after a backoff; the reason is logged.
+    Retry(String),
+    /// Stop: the key is refused.
+    Unauthorized,
+    /// Stop: an error retrying can't fix.
+    Refused,
+}
+
+/// Classifies a response (pure, unit-tested): `should_retry` is the `Stripe-Should-Retry` header, `code` the
+/// error's `code`, `rate_limited_reason` the `Stripe-Rate-Limited-Reason` header.
+#[must_use]
+pub fn classify(
+    status: u16,
+    should_retry: Option<bool>,
+    code: &str,
+    rate_limited_reason: Option<&str>,
+) -> Outcome {
+    if matches!(status, 401 | 403) {
+        return Outcome::Unauthorized;
+    }
+    if (200..300).contains(&status) {
+        return Outcome::Done;
+    }
+    let retry = match should_retry {
+        Some(header) => header,
+        None => status == 429 || status >= 500,
+    };
+    if !retry {
+        return Outcome::Refused;
+    }
+    if status == 429 && code == "lock_timeout" {
+        return Outcome::Retry("lock_timeout: another request holds the object".into());
+    }
+    match rate_limited_reason {
+        Some(reason) => Outcome::Retry(format!("rate limited ({reason})")),
+        None => Outcome::Retry(format!("status {status}")),
+    }
+}
+
+/// True for a `sk_live_`/`rk_live_` key: live mode's budget (100 requests/s) applies; else test mode's (25/s).
+#[must_use]
+pub fn is_live_key(key: &str) -> bool {
+    key.starts_with("sk_live_") || key.starts_with("rk_live_")
+}
+
+/// The Stripe API, rate-limited and retrying.
+#[derive(Debug)]
+pub struct StripeClient {
+    http: reqwest::Client,
+    base: String,
+    key: SecretString,
+    version: String,
+    global: DefaultDirectRateLimiter,
+    endpoints: DefaultKeyedRateLimiter<String>,
+    max_attempts: u32,
+    backoff_initial: Duration,
+    backoff_max: Duration,
+}
+
+/// `n` requests per second, evenly spaced (no bursts): any one-second window then holds at most n + 1 requests, so
+/// a budget set just under Stripe's limit (100/s, 25/s per endpoint) never meets it, whatever the concurrency.
+fn per_second(n: u32) -> Quota {
+    Quota::per_second(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN)).allow_burst(NonZeroU32::MIN)
+}
+
+impl StripeClient {
+    /// A client with the settings' key, base, version and budget. Fails without a key.
+    pub fn new(settings: &StripeSettings) -> anyhow::Result<Self> {
+        let key = settings
+            .api_key
+            .clone()
+            .filter(|k| !k.expose_secret().is_empty())
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no Stripe API key: set STRIPE_API_KEY (a restricted key rk_... with read access is enough)"
+                )
+            })?;
+        let live = is_live_key(key.expose_secret());
+        let rate = if live {
+            settings.live_requests_per_second
+        } else {
+            settings.test_requests_per_second
+        };
+        Ok(Self {
+            http: reqwest::Client::builder()
+                .timeout(settings.request_timeout)
+                .user_agent(concat!("stripe-sync/", env!("CARGO_PKG_VERSION")))
+                .build()?,
+            base: settings.api_base.trim_end_matches('/').to_owned(),
+            key,
+            version: settings.api_version.clone(),
+            global: RateLimiter::direct(per_second(rate.get())),
+            endpoints: RateLimiter::keyed(per_second(settings.endpoint_requests_per_second.get())),
+            max_attempts: settings.max_attempts.get(),
+            backoff_initial: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(20),
+        })
+    }
+
+    /// The API version every request is pinned to.
+    pub fn api_version(&self) -> &str {
+        &self.version
+    }
+
+    /// GETs `path` (counted against `endpoint`, e.g. `/v1/customers/{id}`) for `account` (a connected account,
+    /// or `None` for the platform), retrying what can pass; the JSON object Stripe answered.
+    pub async fn get(
+        &self,
+        endpoint: &str,
+        path: &str,
+        query: &[(String, String)],
+        account: Option<&str>,
+    ) -> Result<Value, ApiError> {
+        let mut last = String::new();
+        for attempt in 1..=self.max_attempts {
+            self.global.until_ready().await;
+            self.endpoints.until_key_ready(&endpoint.to_owned()).await;
+            let mut request = self
+                .http
+                .get(format!("{}{path}", self.base))
+                .bearer_auth(self.key.expose_secret())
+                .header("Stripe-Version", &self.version)
+                .query(query);
+            if let Some(account) = account {
+                request = request.header("Stripe-Account", account);
+            }
+            match self.send(request).await {
+                Ok(value) => return Ok(value),
+                Err(Err(err)) => return Err(err),
+                Err(Ok(reason)) => last = reason,
+            }
+            let wait = self.backoff(attempt);
+            tracing::warn!(endpoint, attempt, reason = %last, retry_in = ?wait, "Stripe request failed; retrying");
+            tokio::time::sleep(wait).await;
+        }
+        Err(ApiError::GaveUp {
+            attempts: self.max_attempts,
+            last,
+        })
+    }
+
+    /// One attempt: the object, or `Err(Ok(reason))` to retry, or `Err(Err(error))` to stop.
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<Value, Result<String, ApiError>> {
+        let response = request
+            .send()
+            .await
+            .map_err(|e| Ok(format!("request failed: {e}")))?;
+        let status = response.status().as_u16();
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let should_retry = header("stripe-should-retry").map(|v| v == "true");
+        let reason = header("stripe-rate-limited-reason");
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| Ok(format!("reading the response failed: {e}")))?;
+        let json: Option<Value> = serde_json::from_slice(&body).ok();
+        let error = json.as_ref().map(|j| &j["error"]);
+        let text = |field: &str| {
+            error
+                .and_then(|e| e[field].as_str())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        match classify(status, should_retry, &text("code"), reason.as_deref()) {
+            Outcome::Done => match json {
+                Some(value) if value.is_object() => Ok(value),
+                _ => Err(Ok(format!(
+                    "status {status} with a body that is not a JSON object"
+                ))),
+            },
+            Outcome::Retry(why) => Err(Ok(why)),
+            Outcome::Unauthorized => Err(Err(ApiError::Unauthorized {
+                status,
+                message: text("message"),
+            })),
+            Outcome::Refused => Err(Err(ApiError::Refused {
+                status,
+                code: text("code"),
+                message: text("message"),
+            })),
+        }
+    }
+
+    /// The `attempt`th wait: doubling from 0.5 s up to 20 s, between half and all of it.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let ceiling = self
+            .backoff_initial
+            .saturating_mul(1 << attempt.saturating_sub(1).min(10))
+            .min(self.backoff_max);
+        ceiling.mul_f64(0.5f64.mul_add(fastrand::f64(), 0.5))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn responses_are_retried_refused_or_fatal_as_stripe_documents() {
+        assert_eq!(classify(200, None, "", None), Outcome::Done);
+        for status in [401, 403] {
+            assert_eq!(
+                classify(status, Some(true), "", None),
+                Outcome::Unauthorized
+            );
+        }
+        for status in [400, 402, 404, 409] {
+            assert_eq!(
+                classify(status, None, "resource_missing", None),
+                Outcome::Refused
+            );
+        }
+        assert_eq!(
+            classify(429, None, "rate_limit", Some("endpoint-rate")),
+            Outcome::Retry("rate limited (endpoint-rate)".into())
+        );
+        assert!(
+            matches!(classify(429, None, "lock_timeout", None), Outcome::Retry(r) if r.contains("lock_timeout"))
+        );
+        assert!(matches!(classify(503, None, "", None), Outcome::Retry(_)));
+        assert_eq!(
+            classify(500, Some(false), "", None),
+            Outcome::Refused,
+            "Stripe-Should-Retry: false wins"
+        );
+        assert!(matches!(
+            classify(409, Some(true), "", None),
+            Outcome::Retry(_)
+        ));
+    }
+
+    #[test]
+    fn live_keys_get_the_live_budget() {
+        assert!(is_live_key("sk_live_x") && is_live_key("rk_live_x"));
+        assert!(!is_live_key("sk_test_x") && !is_live_key("rk_test_x"));
+    }
+
+    /// A greedy client never puts more than n + 1 requests in any one-second window, and still sustains n per
+    /// second: a budget of 99/s never meets Stripe's 100/s.
+    #[test]
+    fn the_budget_never_exceeds_the_rate_in_any_second_and_sustains_it() {
+        use governor::clock::FakeRelativeClock;
+        for n in [1, 8, 20, 25, 80] {
+            let clock = FakeRelativeClock::default();
+            let limiter = RateLimiter::direct_with_clock(per_second(n), clock.clone());
+            let mut sent = Vec::new();
+            for ms in 0..10_000u64 {
+                while limiter.check().is_ok() {
+                    sent.push(ms);
+                }
+                clock.advance(Duration::from_millis(1));
+            }
+            let most = (0..sent.len())
+                .map(|i| {
+                    sent[i..]
+                        .iter()
+                        .take_while(|t| **t < sent[i] + 1000)
+                        .count()
+                })
+                .max()
+                .unwrap();
+            assert!(most <= n as usize + 1, "{n}/s: {most} in one second");
+            assert!(
+                sent.len() as u32 >= n * 10,
+                "{n}/s: only {} in 10 s",
+                sent.len()
+            );
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! `stripe-sync-applier backfill`: loads every listable object of the account (and, with `--connected-accounts`,
+//! of each connected account) from Stripe's API into the tables, through the stream (see [`crate::snapshot`]).
+//!
+//! - Several object types at once (`stripe.types_in_parallel`), and within one type several `created` ranges at
+//!   once (`stripe.ranges_per_type`): a range being paged splits its unread part in two while the type has
+//!   capacity, so a large type uses its whole per-endpoint budget.
+//! - Resumable: each range's cursor (the last object published) is checkpointed in `stripe.backfill_ranges` after
+//!   its page is stored in the stream; a backfill killed at any moment continues where it stopped, fetching again
+//!   at most the pages in flight.
+//! - Lists Stripe cuts short in an object (`has_more`: invoice lines, subscription items, refunds) are fetched to
+//!   the end and embedded whole before publishing.
+//! - A type the account can't list (a product not enabled: 400/403/404) is reported and skipped; the rest goes on.
+
+mod progress;
+mod range;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio::sync::Semaphore;
+
+use crate::api::{ApiError, StripeClient};
+use crate::registry::{ListEndpoint, ObjectSpec, Registry};
+use crate::snapshot::Publisher;
+pub use progress::Progress;
+use range::{Range, TypeJob};
+
+/// What to load.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Object types or table names; empty: every listable type.
+    pub objects: Vec<String>,
+    /// Only objects created at or after this unix second.
+    pub since: i64,
+    /// Also every connected account's objects.
+    pub connected_accounts: bool,
+    /// Start a new run even if an unfinished one asked for the same.
+    pub restart: bool,
+}
+
+/// How a type ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TypeOutcome {
+    /// Every object was published.
+    Loaded(u64),
+    /// The account can't list it: Stripe's answer.
+    Skipped(String),
+    /// It failed (retries ran out): the error. A later run resumes it.
+    Failed(String),
+}
+
+/// What a backfill did, per (account, object type).
+#[derive(Debug, Default)]
+pub struct Summary {
+    /// The run (resumable by running the same backfill again).
+    pub run: i64,
+    /// Per account (`""` for the platform) and object type.
+    pub types: BTreeMap<(String, String), TypeOutcome>,
+    /// Objects published by this process.
+    pub published: u64,
+    /// How long it took.
+    pub elapsed: std::time::Duration,
+}
+
+impl Summary {
+    /// True when nothing failed (skipped types are fine).
+    #[must_use]
+    pub fn ok(&self) -> bool {
+        !self
+            .types
+            .values()
+            .any(|t| matches!(t, TypeOutcome::Failed(_)))
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "backfill run {}: {} objects published in {:.1}s ({:.0}/s)",
+            self.run,
+            self.published,
+            self.elapsed.as_secs_f64(),
+            self.published as f64 / self.elapsed.as_secs_f64().max(1e-9)
+        )?;
+        for ((account, kind), outcome) in &self.types {
+            let account = if account.is_empty() {
+                "platform"
+            } else {
+                account
+            };
+            match outcome {
+                TypeOutcome::Loaded(n) => writeln!(f, "  {account}\t{kind}\t{n} objects")?,
+                TypeOutcome::Skipped(why) => writeln!(f, "  {account}\t{kind}\tskipped: {why}")?,
+                TypeOutcome::Failed(why) => writeln!(f, "  {account}\t{kind}\tFAILED: {why}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Everything a backfill needs.
+#[derive(Debug, Clone)]
+pub struct Backfill {
+    /// Stripe's API.
+    pub api: Arc<StripeClient>,
+    /// Where objects go.
+    pub publisher: Publisher,
+    /// Checkpoints.
+    pub pool: PgPool,
+    /// Which types are listable, and how.
+    pub registry: &'static Registry,
+    /// Types paged at once.
+    pub types_in_parallel: usize,
+    /// Ranges of one type paged at once.
+    pub ranges_per_type: usize,
+    /// Counts for the progress report.
+    pub progress: Progress,
+}
+
+impl Backfill {
+    /// The types `options` asks for (object types or table names), or every listable one.
+    pub fn types(&self, options: &Options) -> anyhow::Result<Vec<&'static ObjectSpec>> {
+        let listable: Vec<&'static ObjectSpec> = self
+            .registry
+            .objects()
+            .iter()
+            .filter(|s| s.list.is_some())
+            .collect();
+        if options.objects.is_empty() {
+            return Ok(listable);
+        }
+        options
+            .objects
+            .iter()
+            .map(|wanted| {
+                listable
+                    .iter()
+                    .find(|s| &s.object_type == wanted || &s.table == wanted)
+                    .copied()
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "{wanted:?} is not a listable object type or table (listable: {})",
+                            listable
+                                .iter()
+                                .map(|s| s.table.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    })
+            })
+            .collect()
+    }
+
+    /// Runs (or resumes) a backfill to the end.
+    pub async fn run(&self, options: &Options) -> anyhow::Result<Summary> {
+        let started = std::time::Instant::now();
+        let types = self.types(options)?;
+        let names: Vec<String> = types.iter().map(|s| s.object_type.clone()).collect();
+        let run = range::find_or_create_run(&self.pool, &names, options).await?;
+        let mut accounts: Vec<Option<String>> = vec![None];
+        if options.connected_accounts {
+            accounts.extend(self.connected_accounts().await?.into_iter().map(Some));
+        }
+        let slots = Arc::new(Semaphore::new(self.types_in_parallel.max(1)));
+        let mut jobs = tokio::task::JoinSet::new();
+        for account in &accounts {
+            for spec in &types {
+                let Some(list) = &spec.list else { continue };
+                // `/v1/accounts/{account}/...` lists a connected account's objects: not the platform's.
+                if list.path.contains("{account}") && account.is_none() {
+                    continue;
+                }
+                let job = TypeJob {
+                    backfill: self.clone(),
+                    run,
+                    account: account.clone(),
+                    spec,
+                    since: options.since,
+                };
+                let slots = slots.clone();
+                jobs.spawn(async move {
+                    let _slot = slots.acquire_owned().await;
+                    let key = (
+                        job.account.clone().unwrap_or_default(),
+                        job.spec.object_type.clone(),
+                    );
+                    (key, job.run().await)
+                });
+            }
+        }
+        let mut summary = Summary {
+            run,
+            ..Summary::default()
+        };
+        while let Some(done) = jobs.join_next().await {
+            let (key, outcome) = done?;
+            if let Err(ApiError::Unauthorized { .. }) = &outcome {
+                jobs.abort_all();
+                return Err(outcome
+                    .err()
+                    .map(anyhow::Error::new)
+                    .unwrap_or_else(|| anyhow::anyhow!("unauthorized")));
+            }
+            let outcome = match outcome {
+                Ok(outcome) => outcome,
+                Err(err) => TypeOutcome::Failed(err.to_string()),
+            };
+            summary.types.insert(key, outcome);
+        }
+        if summary.ok() {
+            range::finish_run(&self.pool, run).await?;
+        }
+        summary.published = self.progress.published();
+        summary.elapsed = started.elapsed();
+        Ok(summary)
+    }
+
+    /// Every connected account's id, from `GET /v1/accounts`.
+    async fn connected_accounts(&self) -> anyhow::Result<Vec<String>> {
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut query = vec![("limit".to_owned(), "100".to_owned())];
+            if let Some(after) = &cursor {
+                query.push(("starting_after".into(), after.clone()));
+            }
+            let page = self
+                .api
+                .get("/v1/accounts", "/v1/accounts", &query, None)
+                .await?;
+            let data = page["data"].as_array().cloned().unwrap_or_default();
+            out.extend(
+                data.iter()
+                    .filter_map(|a| a["id"].as_str().map(str::to_owned)),
+            );
+            cursor = data
+                .last()
+                .and_then(|a| a["id"].as_str().map(str::to_owned));
+            if page["has_more"] != Value::Bool(true) || cursor.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+/// The query a type's list takes besides paging: its registry parameters.
+fn base_query(list: &ListEndpoint) -> Vec<(String, String)> {
+    list.query
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+impl Range {
+    /// `created` bounds as query parameters (none for lists that don't filter by `created`).
+    fn created_query(&self, list: &ListEndpoint) -> Vec<(String, String)> {
+        if !list.created {
+            return Vec::new();
+        }
+        vec![
+            ("created[gte]".to_owned(), self.start.to_string()),
+            ("created[lt]".to_owned(), self.end.to_string()),
+        ]
+    }
+}
+
+/// What `sync <type> <ids>` did with one id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Synced {
+    /// Read and published.
+    Published,
+    /// Stripe has no such object (404).
+    NotFound,
+}
+
+impl Backfill {
+    /// Reads the given objects of one type now and publishes them (`sync <type> <ids...>`).
+    pub async fn sync_ids(
+        &self,
+        spec: &ObjectSpec,
+        account: Option<&str>,
+        ids: &[String],
+    ) -> anyhow::Result<Vec<(String, Synced)>> {
+        let list = spec.list.as_ref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} has no list endpoint to read objects from",
+                spec.object_type
+            )
+        })?;
+        anyhow::ensure!(
+            !list.path.contains("{account}"),
+            "{} is read per connected account: use `sync {}` without ids",
+            spec.object_type,
+            spec.table
+        );
+        let endpoint = format!("{}/{{id}}", list.path);
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let read_at = time::OffsetDateTime::now_utc().unix_timestamp();
+            let path = format!("{}/{id}", list.path);
+            match self.api.get(&endpoint, &path, &[], account).await {
+                Ok(object) => {
+                    self.publisher
+                        .publish_all(&[crate::snapshot::Snapshot {
+                            account,
+                            read_at,
+                            object: &object,
+                        }])
+                        .await?;
+                    self.progress.add(&spec.object_type, 1);
+                    out.push((id.clone(), Synced::Published));
+                }
+                Err(err) if err.is_not_found() => out.push((id.clone(), Synced::NotFound)),
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Ok(out)
+    }
+}

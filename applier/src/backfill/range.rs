@@ -1,0 +1,437 @@
+//! One object type of one account: its ranges, paged in parallel, split while there is room, checkpointed after
+//! every page the stream has stored.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+
+use super::{Backfill, Options, TypeOutcome, base_query};
+use crate::api::ApiError;
+use crate::registry::{ListEndpoint, ObjectSpec};
+use crate::snapshot::Snapshot;
+
+/// Objects per page, Stripe's most.
+const PAGE: usize = 100;
+
+/// A range of `created` being paged newest first.
+#[derive(Debug, Clone)]
+pub(super) struct Range {
+    /// Its row in `stripe.backfill_ranges`.
+    id: i64,
+    /// `created >= start`.
+    pub(super) start: i64,
+    /// `created < end`.
+    pub(super) end: i64,
+    /// The last object published, and its `created`.
+    cursor: Option<(String, i64)>,
+}
+
+/// One object type of one account in a run.
+#[derive(Debug)]
+pub(super) struct TypeJob {
+    pub(super) backfill: Backfill,
+    pub(super) run: i64,
+    pub(super) account: Option<String>,
+    pub(super) spec: &'static ObjectSpec,
+    pub(super) since: i64,
+}
+
+/// The unfinished run that asked for the same, or a new one.
+pub(super) async fn find_or_create_run(
+    pool: &PgPool,
+    objects: &[String],
+    options: &Options,
+) -> anyhow::Result<i64> {
+    if !options.restart {
+        let found: Option<i64> = sqlx::query_scalar(
+            "select id from stripe.backfill_runs where finished_at is null and objects = $1 and since = $2 \
+             and connected_accounts = $3 order by id desc limit 1",
+        )
+        .bind(objects)
+        .bind(options.since)
+        .bind(options.connected_accounts)
+        .fetch_optional(pool)
+        .await?;
+        if let Some(run) = found {
+            tracing::info!(run, "resuming an unfinished backfill");
+            return Ok(run);
+        }
+    }
+    Ok(sqlx::query_scalar(
+        "insert into stripe.backfill_runs (objects, since, connected_accounts) values ($1, $2, $3) returning id",
+    )
+    .bind(objects)
+    .bind(options.since)
+    .bind(options.connected_accounts)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Marks a run finished: the next backfill starts afresh.
+pub(super) async fn finish_run(pool: &PgPool, run: i64) -> anyhow::Result<()> {
+    sqlx::query("update stripe.backfill_runs set finished_at = now() where id = $1")
+        .bind(run)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+impl TypeJob {
+    fn account_key(&self) -> &str {
+        self.account.as_deref().unwrap_or("")
+    }
+
+    fn list(&self) -> &'static ListEndpoint {
+        self.spec
+            .list
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("only listable types get a job"))
+    }
+
+    /// The request's path and `Stripe-Account`: a path naming `{account}` is the platform's view of a connected
+    /// account; any other path is read as the account itself.
+    fn target(&self) -> (String, Option<&str>) {
+        let list = self.list();
+        match &self.account {
+            Some(account) if list.path.contains("{account}") => {
+                (list.path.replace("{account}", account), None)
+            }
+            account => (list.path.clone(), account.as_deref()),
+        }
+    }
+
+    async fn insert_range<'e>(
+        &self,
+        db: impl sqlx::PgExecutor<'e>,
+        start: i64,
+        end: i64,
+    ) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(
+            "insert into stripe.backfill_ranges (run_id, _account_id, object_type, range_start, range_end) \
+             values ($1, $2, $3, $4, $5) returning id",
+        )
+        .bind(self.run)
+        .bind(self.account_key())
+        .bind(&self.spec.object_type)
+        .bind(start)
+        .bind(end)
+        .fetch_one(db)
+        .await
+    }
+
+    /// Pages every unfinished range of the type to the end, splitting ranges while there is room.
+    pub(super) async fn run(self) -> Result<TypeOutcome, ApiError> {
+        let pool = &self.backfill.pool;
+        let sql = |e: sqlx::Error| ApiError::GaveUp {
+            attempts: 1,
+            last: format!("checkpoint: {e}"),
+        };
+        type Row = (
+            i64,
+            i64,
+            i64,
+            Option<String>,
+            Option<i64>,
+            bool,
+            i64,
+            Option<String>,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "select id, range_start, range_end, cursor, cursor_created, done, objects, skipped \
+             from stripe.backfill_ranges where run_id = $1 and _account_id = $2 and object_type = $3",
+        )
+        .bind(self.run)
+        .bind(self.account_key())
+        .bind(&self.spec.object_type)
+        .fetch_all(pool)
+        .await
+        .map_err(sql)?;
+        if let Some(why) = rows.iter().find_map(|r| r.7.clone()) {
+            return Ok(TypeOutcome::Skipped(why));
+        }
+        let mut pending: Vec<Range> = rows
+            .iter()
+            .filter(|r| !r.5)
+            .map(|r| Range {
+                id: r.0,
+                start: r.1,
+                end: r.2,
+                cursor: r.3.clone().zip(r.4),
+            })
+            .collect();
+        let before: u64 = rows.iter().map(|r| r.6 as u64).sum();
+        if rows.is_empty() {
+            let (start, end) = (self.since, now() + 1);
+            let id = self.insert_range(pool, start, end).await.map_err(sql)?;
+            pending.push(Range {
+                id,
+                start,
+                end,
+                cursor: None,
+            });
+        }
+        for range in &pending {
+            let top = range.cursor.as_ref().map_or(range.end, |c| c.1);
+            self.backfill
+                .progress
+                .to_page(&self.spec.object_type, top - range.start);
+        }
+        let job = Arc::new(self);
+        let active = Arc::new(AtomicUsize::new(0));
+        let (split_tx, mut split_rx) = mpsc::unbounded_channel();
+        let mut tasks = tokio::task::JoinSet::new();
+        let spawn = |tasks: &mut tokio::task::JoinSet<_>, range: Range| {
+            active.fetch_add(1, Ordering::SeqCst);
+            let (job, active, split_tx) = (job.clone(), active.clone(), split_tx.clone());
+            tasks.spawn(async move {
+                let result = job.page(range, &active, &split_tx).await;
+                active.fetch_sub(1, Ordering::SeqCst);
+                result
+            });
+        };
+        for range in pending {
+            spawn(&mut tasks, range);
+        }
+        let mut published = 0u64;
+        let mut first_error = None;
+        loop {
+            // A range sends its split before it goes on paging, so a split is always received before the
+            // completion of the range that made it (the split branch comes first).
+            tokio::select! {
+                biased;
+                Some(range) = split_rx.recv() => spawn(&mut tasks, range),
+                done = tasks.join_next() => match done {
+                    None => match split_rx.try_recv() {
+                        Ok(range) => spawn(&mut tasks, range),
+                        Err(_) => break,
+                    },
+                    Some(Ok(Ok(n))) => published += n,
+                    Some(Ok(Err(err))) => {
+                        if matches!(err, ApiError::Unauthorized { .. }) {
+                            return Err(err);
+                        }
+                        first_error.get_or_insert(err);
+                    }
+                    Some(Err(join)) => {
+                        first_error.get_or_insert(ApiError::GaveUp { attempts: 1, last: join.to_string() });
+                    }
+                },
+            }
+        }
+        match first_error {
+            Some(ApiError::Refused {
+                status, message, ..
+            }) if published == 0 && before == 0 && matches!(status, 400 | 403 | 404) => {
+                let why = format!("{status}: {message}");
+                tracing::warn!(object = %job.spec.object_type, account = job.account_key(), %why, "the account can't list this type; skipped");
+                sqlx::query(
+                    "update stripe.backfill_ranges set skipped = $4 where run_id = $1 and _account_id = $2 \
+                     and object_type = $3",
+                )
+                .bind(job.run)
+                .bind(job.account_key())
+                .bind(&job.spec.object_type)
+                .bind(&why)
+                .execute(&job.backfill.pool)
+                .await
+                .map_err(sql)?;
+                Ok(TypeOutcome::Skipped(why))
+            }
+            Some(err) => Ok(TypeOutcome::Failed(err.to_string())),
+            None => Ok(TypeOutcome::Loaded(before + published)),
+        }
+    }
+
+    /// Pages one range to its end; returns the objects published.
+    async fn page(
+        &self,
+        mut range: Range,
+        active: &AtomicUsize,
+        split: &mpsc::UnboundedSender<Range>,
+    ) -> Result<u64, ApiError> {
+        let list = self.list();
+        let (path, header) = self.target();
+        let mut published = 0;
+        let progress = &self.backfill.progress;
+        let kind = self.spec.object_type.as_str();
+        loop {
+            let read_at = now();
+            let mut query = base_query(list);
+            query.push(("limit".into(), PAGE.to_string()));
+            query.extend(range.created_query(list));
+            if let Some((after, _)) = &range.cursor {
+                query.push(("starting_after".into(), after.clone()));
+            }
+            let page = match self
+                .backfill
+                .api
+                .get(&list.path, &path, &query, header)
+                .await
+            {
+                // The cursor's object is gone (deleted since the checkpoint): go on below its second instead.
+                Err(ApiError::Refused {
+                    status: 400 | 404, ..
+                }) if range.cursor.is_some() && list.created => {
+                    let (_, created) = range.cursor.take().unwrap_or_default();
+                    range.end = created + 1;
+                    continue;
+                }
+                other => other?,
+            };
+            let mut items: Vec<Value> = page["data"].as_array().cloned().unwrap_or_default();
+            for item in &mut items {
+                self.complete_lists(item, header).await?;
+            }
+            let snapshots: Vec<Snapshot<'_>> = items
+                .iter()
+                .map(|object| Snapshot {
+                    account: list
+                        .account_field
+                        .as_deref()
+                        .and_then(|f| object[f].as_str())
+                        .or(self.account.as_deref()),
+                    read_at,
+                    object,
+                })
+                .collect();
+            self.backfill
+                .publisher
+                .publish_all(&snapshots)
+                .await
+                .map_err(|e| ApiError::GaveUp {
+                    attempts: 1,
+                    last: format!("publishing to the stream: {e:#}"),
+                })?;
+            let has_more = page["has_more"] == json!(true) && !items.is_empty();
+            let top = range.cursor.as_ref().map_or(range.end, |c| c.1);
+            range.cursor = items.last().and_then(|o| {
+                Some((
+                    o["id"].as_str()?.to_owned(),
+                    o["created"].as_i64().unwrap_or(range.start),
+                ))
+            });
+            published += items.len() as u64;
+            progress.add(kind, items.len() as u64);
+            let bottom = match (&range.cursor, has_more) {
+                (Some((_, created)), true) => *created,
+                _ => range.start,
+            };
+            progress.paged(kind, top - bottom);
+            let room = active.load(Ordering::SeqCst) < self.backfill.ranges_per_type;
+            let older = if has_more && list.created && room {
+                Self::split(&mut range)
+            } else {
+                None
+            };
+            let older = self
+                .checkpoint(&range, items.len(), !has_more, older)
+                .await
+                .map_err(|e| ApiError::GaveUp {
+                    attempts: 1,
+                    last: format!("checkpoint: {e}"),
+                })?;
+            if let Some(older) = older {
+                let _ = split.send(older);
+            }
+            if !has_more {
+                return Ok(published);
+            }
+        }
+    }
+
+    /// Splits off the older half of what is left of `range` (it keeps paging the newer half from its cursor):
+    /// the split-off range's bounds, not recorded yet.
+    fn split(range: &mut Range) -> Option<(i64, i64)> {
+        let (_, below) = range.cursor.as_ref()?;
+        let mid = range.start + (below - range.start) / 2;
+        if mid <= range.start || *below - range.start < 2 {
+            return None;
+        }
+        let older = (range.start, mid);
+        range.start = mid;
+        Some(older)
+    }
+
+    /// Records a page in one transaction: the range's cursor (and new start, if it split), and the split-off
+    /// range, returned with its id.
+    async fn checkpoint(
+        &self,
+        range: &Range,
+        objects: usize,
+        done: bool,
+        split: Option<(i64, i64)>,
+    ) -> Result<Option<Range>, sqlx::Error> {
+        let mut tx = self.backfill.pool.begin().await?;
+        sqlx::query(
+            "update stripe.backfill_ranges set range_start = $2, range_end = $3, cursor = $4, cursor_created = $5, \
+               objects = objects + $6, done = $7, _updated_at = now() where id = $1",
+        )
+        .bind(range.id)
+        .bind(range.start)
+        .bind(range.end)
+        .bind(range.cursor.as_ref().map(|c| c.0.as_str()))
+        .bind(range.cursor.as_ref().map(|c| c.1))
+        .bind(objects as i64)
+        .bind(done)
+        .execute(&mut *tx)
+        .await?;
+        let older = match split {
+            Some((start, end)) => Some(Range {
+                id: self.insert_range(&mut *tx, start, end).await?,
+                start,
+                end,
+                cursor: None,
+            }),
+            None => None,
+        };
+        tx.commit().await?;
+        Ok(older)
+    }
+
+    /// Fetches to the end every list the object embeds cut short (`has_more`), and embeds it whole.
+    async fn complete_lists(
+        &self,
+        object: &mut Value,
+        account: Option<&str>,
+    ) -> Result<(), ApiError> {
+        let id = object["id"].as_str().unwrap_or_default().to_owned();
+        for child in self.backfill.registry.children_of(&self.spec.object_type) {
+            let list = &mut object[&child.field];
+            if list["has_more"] != json!(true) {
+                continue;
+            }
+            let Some(url) = list["url"].as_str().map(str::to_owned) else {
+                continue;
+            };
+            let endpoint = url.replace(&id, "{id}");
+            let mut data: Vec<Value> = list["data"].as_array().cloned().unwrap_or_default();
+            loop {
+                let mut query = vec![("limit".to_owned(), PAGE.to_string())];
+                if let Some(after) = data.last().and_then(|i| i["id"].as_str()) {
+                    query.push(("starting_after".into(), after.to_owned()));
+                }
+                let page = self
+                    .backfill
+                    .api
+                    .get(&endpoint, &url, &query, account)
+                    .await?;
+                let more: Vec<Value> = page["data"].as_array().cloned().unwrap_or_default();
+                let has_more = page["has_more"] == json!(true) && !more.is_empty();
+                data.extend(more);
+                if !has_more {
+                    break;
+                }
+            }
+            list["data"] = Value::Array(data);
+            list["has_more"] = json!(false);
+        }
+        Ok(())
+    }
+}

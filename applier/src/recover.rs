@@ -1,0 +1,99 @@
+//! `stripe-sync-applier recover --since <time>`: closes a gap of missed webhooks (an outage longer than Stripe's 3
+//! days of retries, a disabled endpoint) from `GET /v1/events`, publishing each event with its own id: events the
+//! database has already applied change nothing (dedupe), so recovering twice, or over a period webhooks covered,
+//! is harmless. Stripe keeps events 30 days; older gaps need `backfill`.
+
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use serde_json::Value;
+use stripe_sync_shared::event_head::RoutingHead;
+use stripe_sync_shared::subjects::{self, Topology};
+
+use crate::api::StripeClient;
+
+/// How far back Stripe keeps events.
+pub const EVENTS_KEPT_SECONDS: i64 = 30 * 24 * 3600;
+
+/// The Events API is eventually consistent: events younger than this may still be missing from it.
+pub const SETTLE_SECONDS: i64 = 5;
+
+/// What a recovery did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    /// Events read from the API.
+    pub read: u64,
+    /// Of those, stored in the stream for the first time (the stream's duplicate window knew the others).
+    pub published: u64,
+}
+
+/// Reads every event created in `[since, now - 5 s)` (only those whose webhook failed, with `undelivered_only`) and
+/// publishes it. Refuses a start older than Stripe's 30 days, pointing to `backfill`.
+pub async fn recover(
+    api: &StripeClient,
+    js: &jetstream::Context,
+    topology: &Topology,
+    since: i64,
+    undelivered_only: bool,
+) -> anyhow::Result<Recovered> {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    anyhow::ensure!(
+        since >= now - EVENTS_KEPT_SECONDS,
+        "Stripe keeps events for 30 days: a gap older than that can't be recovered from events. Load the current \
+         state instead: `stripe-sync-applier backfill` (add --since to limit it)"
+    );
+    let mut out = Recovered::default();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut query = vec![
+            ("limit".to_owned(), "100".to_owned()),
+            ("created[gte]".to_owned(), since.to_string()),
+            ("created[lt]".to_owned(), (now - SETTLE_SECONDS).to_string()),
+        ];
+        if undelivered_only {
+            query.push(("delivery_success".into(), "false".into()));
+        }
+        if let Some(after) = &cursor {
+            query.push(("starting_after".into(), after.clone()));
+        }
+        let page = api.get("/v1/events", "/v1/events", &query, None).await?;
+        let events: Vec<Value> = page["data"].as_array().cloned().unwrap_or_default();
+        let mut acks = Vec::with_capacity(events.len());
+        for event in &events {
+            let body = serde_json::to_vec(event)?;
+            let head = RoutingHead::parse(&body)
+                .map_err(|e| anyhow::anyhow!("an event from the API is not an event: {e}"))?;
+            let routing =
+                subjects::routing_key(head.account.as_deref(), head.object_id.as_deref(), &head.id);
+            let subject = topology.event_subject(topology.partition_of(&routing), &head.event_type);
+            let mut headers = HeaderMap::new();
+            headers.insert(subjects::HEADER_MSG_ID, head.id.as_ref());
+            headers.insert(
+                subjects::HEADER_EVENT_TYPE,
+                subjects::header_safe(&head.event_type, 256).as_str(),
+            );
+            if let Some(account) = &head.account {
+                headers.insert(
+                    subjects::HEADER_ACCOUNT,
+                    subjects::header_safe(account, 256).as_str(),
+                );
+            }
+            headers.insert(subjects::HEADER_ENDPOINT, "recover");
+            acks.push(
+                js.publish_with_headers(subject, headers, body.into())
+                    .await?,
+            );
+        }
+        for ack in acks {
+            out.read += 1;
+            if !ack.await?.duplicate {
+                out.published += 1;
+            }
+        }
+        cursor = events
+            .last()
+            .and_then(|e| e["id"].as_str().map(str::to_owned));
+        if page["has_more"] != Value::Bool(true) || cursor.is_none() {
+            return Ok(out);
+        }
+    }
+}
