@@ -1,7 +1,9 @@
 //! The Stripe API client of the API side: one place for the key, the pinned API version, Connect headers, the rate
 //! budget (the account's and each endpoint's, shared by every caller in the process) and retries. A 429 backs off
 //! with jitter (Stripe documents no `Retry-After`), `Stripe-Should-Retry` is honoured, a 429 `lock_timeout` is
-//! contention on one object rather than a rate limit, and 401/403 stop everything at once with a clear error.
+//! contention on one object rather than a rate limit, a 401 stops everything at once with a clear error, and a 403 (a
+//! restricted key without this resource's permission, an account that revoked access) is refused at once, never
+//! retried: the caller skips what it may not read.
 
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -21,12 +23,13 @@ pub enum ApiError {
          restricted key rk_... with read access)"
     )]
     Unauthorized {
-        /// 401 or 403.
+        /// 401.
         status: u16,
         /// Stripe's message.
         message: String,
     },
-    /// Stripe answered an error retrying can't fix (400, 402, 404, 409): a product not enabled, an object gone.
+    /// Stripe answered an error retrying can't fix (400, 402, 403, 404, 409): a product not enabled, a permission
+    /// the key lacks, an object gone.
     #[error("{status} {code}: {message}")]
     Refused {
         /// HTTP status.
@@ -36,6 +39,10 @@ pub enum ApiError {
         /// Stripe's message.
         message: String,
     },
+    /// A well-formed answer that isn't what Stripe sends (a list page without `data`, an item without an id):
+    /// never taken for the end of a list.
+    #[error("Stripe's answer can't be read: {0}")]
+    Unreadable(String),
     /// Retries ran out.
     #[error("gave up after {attempts} attempts: {last}")]
     GaveUp {
@@ -76,8 +83,11 @@ pub fn classify(
     code: &str,
     rate_limited_reason: Option<&str>,
 ) -> Outcome {
-    if matches!(status, 401 | 403) {
+    if status == 401 {
         return Outcome::Unauthorized;
+    }
+    if status == 403 {
+        return Outcome::Refused;
     }
     if (200..300).contains(&status) {
         return Outcome::Done;
@@ -268,12 +278,12 @@ mod tests {
     #[test]
     fn responses_are_retried_refused_or_fatal_as_stripe_documents() {
         assert_eq!(classify(200, None, "", None), Outcome::Done);
-        for status in [401, 403] {
-            assert_eq!(
-                classify(status, Some(true), "", None),
-                Outcome::Unauthorized
-            );
-        }
+        assert_eq!(classify(401, Some(true), "", None), Outcome::Unauthorized);
+        assert_eq!(
+            classify(403, Some(true), "", None),
+            Outcome::Refused,
+            "a permission the key lacks: never retried, the caller skips"
+        );
         for status in [400, 402, 404, 409] {
             assert_eq!(
                 classify(status, None, "resource_missing", None),
@@ -314,17 +324,18 @@ mod tests {
             let clock = FakeRelativeClock::default();
             let limiter = RateLimiter::direct_with_clock(per_second(n), clock.clone());
             let mut sent = Vec::new();
-            for ms in 0..10_000u64 {
+            // Ticks of 100 µs over 10 s.
+            for tick in 0..100_000u64 {
                 while limiter.check().is_ok() {
-                    sent.push(ms);
+                    sent.push(tick);
                 }
-                clock.advance(Duration::from_millis(1));
+                clock.advance(Duration::from_micros(100));
             }
             let most = (0..sent.len())
                 .map(|i| {
                     sent[i..]
                         .iter()
-                        .take_while(|t| **t < sent[i] + 1000)
+                        .take_while(|t| **t < sent[i] + 10_000)
                         .count()
                 })
                 .max()

@@ -83,6 +83,7 @@ struct Fake {
     templates: HashMap<String, Value>,
     /// Paths answering 400 "not set up" (a product not enabled on the account).
     disabled: HashSet<String>,
+    forbidden: HashSet<String>,
     behaviour: Behaviour,
     /// Every request: (method and path template, account).
     log: Vec<(String, String)>,
@@ -144,6 +145,11 @@ impl FakeStripe {
     /// Makes `path` answer 400 as for a product the account has not enabled.
     pub fn disable(&self, path: &str) {
         self.state.lock().unwrap().disabled.insert(path.to_owned());
+    }
+
+    /// Makes `path` answer 403 as for a restricted key without that resource's read permission.
+    pub fn forbid(&self, path: &str) {
+        self.state.lock().unwrap().forbidden.insert(path.to_owned());
     }
 
     /// Freezes the fake's clock (for `/v1/events`' 30 days) at this unix second.
@@ -479,6 +485,14 @@ async fn handle(
             return (StatusCode::OK, Body::from_stream(stream)).into_response();
         }
         _ => {}
+    }
+    if s.forbidden.contains(&path) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "invalid_request_error",
+            "",
+            "The provided key does not have the required permissions for this endpoint.",
+        );
     }
     if s.disabled.contains(&path) {
         return error(

@@ -296,12 +296,26 @@ impl Backfill {
             spec.object_type,
             spec.table
         );
+        if let Some(bad) = ids.iter().find(|id| {
+            id.is_empty()
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        }) {
+            anyhow::bail!("{bad:?} is not a Stripe object id (letters, digits, _ and - only)");
+        }
         let endpoint = format!("{}/{{id}}", list.path);
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             let read_at = time::OffsetDateTime::now_utc().unix_timestamp();
             let path = format!("{}/{id}", list.path);
             match self.api.get(&endpoint, &path, &[], account).await {
+                Ok(object) if object["id"].as_str() != Some(id.as_str()) => {
+                    anyhow::bail!(
+                        "Stripe answered {path} with another object: {}",
+                        object["id"]
+                    );
+                }
                 Ok(object) => {
                     self.publisher
                         .publish_all(&[crate::snapshot::Snapshot {

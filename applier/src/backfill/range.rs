@@ -275,17 +275,21 @@ impl TypeJob {
                 .get(&list.path, &path, &query, header)
                 .await
             {
-                // The cursor's object is gone (deleted since the checkpoint): go on below its second instead.
+                // The cursor's object is gone (deleted since the checkpoint): go on below its second instead, or,
+                // for a list without a `created` filter, from the top again (what is published twice is deduped
+                // by the ordering guard).
                 Err(ApiError::Refused {
                     status: 400 | 404, ..
-                }) if range.cursor.is_some() && list.created => {
+                }) if range.cursor.is_some() => {
                     let (_, created) = range.cursor.take().unwrap_or_default();
-                    range.end = created + 1;
+                    if list.created {
+                        range.end = created + 1;
+                    }
                     continue;
                 }
                 other => other?,
             };
-            let mut items: Vec<Value> = page["data"].as_array().cloned().unwrap_or_default();
+            let (mut items, has_more) = list_page(page, list.created)?;
             for item in &mut items {
                 self.complete_lists(item, header).await?;
             }
@@ -309,13 +313,12 @@ impl TypeJob {
                     attempts: 1,
                     last: format!("publishing to the stream: {e:#}"),
                 })?;
-            let has_more = page["has_more"] == json!(true) && !items.is_empty();
             let top = range.cursor.as_ref().map_or(range.end, |c| c.1);
-            range.cursor = items.last().and_then(|o| {
-                Some((
-                    o["id"].as_str()?.to_owned(),
+            range.cursor = items.last().map(|o| {
+                (
+                    o["id"].as_str().unwrap_or_default().to_owned(),
                     o["created"].as_i64().unwrap_or(range.start),
-                ))
+                )
             });
             published += items.len() as u64;
             progress.add(kind, items.len() as u64);
@@ -410,6 +413,12 @@ impl TypeJob {
             let Some(url) = list["url"].as_str().map(str::to_owned) else {
                 continue;
             };
+            if !url.starts_with("/v1/") {
+                return Err(ApiError::Unreadable(format!(
+                    "the list {} of {id} has the url {url:?}",
+                    child.field
+                )));
+            }
             let endpoint = url.replace(&id, "{id}");
             let mut data: Vec<Value> = list["data"].as_array().cloned().unwrap_or_default();
             loop {
@@ -422,8 +431,7 @@ impl TypeJob {
                     .api
                     .get(&endpoint, &url, &query, account)
                     .await?;
-                let more: Vec<Value> = page["data"].as_array().cloned().unwrap_or_default();
-                let has_more = page["has_more"] == json!(true) && !more.is_empty();
+                let (more, has_more) = list_page(page, false)?;
                 data.extend(more);
                 if !has_more {
                     break;
@@ -433,5 +441,62 @@ impl TypeJob {
             list["has_more"] = json!(false);
         }
         Ok(())
+    }
+}
+
+/// A list page's items and whether more follow. A page that isn't one (no `data` array, an item without a string
+/// id, or, where the list is paged by `created`, without an integer `created`) is an error: never the end of a list,
+/// and never a cursor that would page from the top again.
+fn list_page(page: Value, created: bool) -> Result<(Vec<Value>, bool), ApiError> {
+    let has_more = page["has_more"] == json!(true);
+    let Value::Array(items) = page.get("data").cloned().unwrap_or(Value::Null) else {
+        return Err(ApiError::Unreadable(
+            "a list page without a data array".into(),
+        ));
+    };
+    if let Some(bad) = items
+        .iter()
+        .find(|o| !o["id"].is_string() || (created && !o["created"].is_i64()))
+    {
+        let shown: String = bad.to_string().chars().take(200).collect();
+        return Err(ApiError::Unreadable(format!(
+            "a list item without {}: {shown}",
+            if bad["id"].is_string() {
+                "an integer created"
+            } else {
+                "a string id"
+            }
+        )));
+    }
+    Ok((items.clone(), has_more && !items.is_empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_that_is_not_a_list_page_is_an_error_not_the_end_of_the_list() {
+        let ok = json!({"data": [{"id": "cus_1", "created": 5}], "has_more": true});
+        assert!(list_page(ok, true).unwrap().1, "more follow");
+        let empty = json!({"data": [], "has_more": true});
+        assert_eq!(
+            list_page(empty, true).unwrap(),
+            (vec![], false),
+            "an empty page ends the list"
+        );
+        for bad in [
+            json!({"object": "list", "has_more": false}),
+            json!({"data": {"id": "cus_1"}, "has_more": false}),
+            json!({"data": [{"created": 5}], "has_more": true}),
+            json!({"data": [{"id": 7, "created": 5}], "has_more": false}),
+            json!({"data": [{"id": "cus_1", "created": "yesterday"}], "has_more": true}),
+        ] {
+            assert!(
+                matches!(list_page(bad.clone(), true), Err(ApiError::Unreadable(_))),
+                "{bad}"
+            );
+        }
+        assert!(list_page(json!({"data": [{"id": "li_1"}], "has_more": false}), false).is_ok());
     }
 }

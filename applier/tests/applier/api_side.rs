@@ -125,6 +125,7 @@ async fn a_backfill_loads_the_account_table_by_table_and_skips_what_it_cannot_li
         &with("product", "prod_1", now - 300, json!({ "name": "Gold" })),
     );
     fake.disable("/v1/issuing/cards");
+    fake.forbid("/v1/disputes");
     let env = test_env(&fake, &[]).await;
     let applier = env.start_applier().await;
 
@@ -135,6 +136,10 @@ async fn a_backfill_loads_the_account_table_by_table_and_skips_what_it_cannot_li
     assert!(
         matches!(&summary.types[&(String::new(), "issuing.card".to_owned())], TypeOutcome::Skipped(why) if why.contains("not set up")),
         "{summary}"
+    );
+    assert!(
+        matches!(&summary.types[&(String::new(), "dispute".to_owned())], TypeOutcome::Skipped(why) if why.starts_with("403")),
+        "a restricted key without one permission skips that type only: {summary}"
     );
     assert_eq!(
         summary.types[&(String::new(), "customer".to_owned())],
@@ -327,7 +332,8 @@ async fn a_backfill_killed_mid_way_resumes_where_it_stopped() {
         latency: Duration::from_millis(20),
         ..Behaviour::default()
     });
-    let env = test_env(&fake, &[("STRIPE_SYNC__STRIPE__RANGES_PER_TYPE", "1")]).await;
+    // Four ranges at once: the kill lands while ranges split and page side by side.
+    let env = test_env(&fake, &[("STRIPE_SYNC__STRIPE__RANGES_PER_TYPE", "4")]).await;
     let args = ["backfill", "--objects", "customers"];
     let mut first = env.spawn_applier_with_args("backfill-1", &args);
     eventually(PATIENCE, "some pages checkpointed", || async {
@@ -353,9 +359,18 @@ async fn a_backfill_killed_mid_way_resumes_where_it_stopped() {
         .iter()
         .filter(|(e, _)| e == "GET /v1/customers")
         .count();
+    // Every object checkpointed once; pages: 30 full ones, at most one partial page per range (ranges split as
+    // they go), and at most one page in flight per running range (4) when the first run was killed.
+    let (objects, ranges): (i64, i64) = sqlx::query_as(
+        "select coalesce(sum(objects), 0)::int8, count(*) from stripe.backfill_ranges",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(objects, 3000);
     assert!(
-        pages_before >= 5 && pages <= 30 + 2,
-        "{pages} pages for 30 ({pages_before} before the kill)"
+        pages_before >= 5 && pages as i64 <= 30 + ranges + 4,
+        "{pages} pages for 30 in {ranges} ranges ({pages_before} before the kill)"
     );
     let applier = env.start_applier().await;
     env.wait_count("select count(*) from stripe.customers", 3000)
@@ -400,7 +415,7 @@ async fn a_rate_limited_flaky_api_is_loaded_exactly_within_its_budget() {
         &fake,
         &[
             ("STRIPE_SYNC__STRIPE__TEST_REQUESTS_PER_SECOND", "25"),
-            ("STRIPE_SYNC__STRIPE__ENDPOINT_REQUESTS_PER_SECOND", "8"),
+            ("STRIPE_SYNC__STRIPE__ENDPOINT_REQUESTS_PER_SECOND", "7"),
         ],
     )
     .await;
@@ -601,6 +616,16 @@ async fn the_admin_listener_serves_backfill_sync_and_jobs_to_bearers_of_its_toke
     .await;
     assert_eq!(done["state"], "done", "{done}");
     assert_eq!(done["progress"]["objects"], 150, "{done}");
+    // The customer changes without a webhook; a sync over HTTP reads it again.
+    fake.put(
+        PLATFORM,
+        &with(
+            "customer",
+            "cus_001",
+            now - 1000 + 1,
+            json!({ "email": "changed@example.com" }),
+        ),
+    );
     let synced = http
         .post(format!("{base}/sync/customers"))
         .bearer_auth("admin-secret")
@@ -609,8 +634,31 @@ async fn the_admin_listener_serves_backfill_sync_and_jobs_to_bearers_of_its_toke
         .await
         .unwrap();
     assert_eq!(synced.status(), 202);
-    env.wait_count("select count(*) from stripe.customers", 150)
-        .await;
+    let job: Value = synced.json().await.unwrap();
+    let job = job["job"].as_u64().unwrap();
+    let done = eventually(PATIENCE, "the sync job is done", || async {
+        let state: Value = http
+            .get(format!("{base}/jobs/{job}"))
+            .bearer_auth("admin-secret")
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (state["state"] != "running").then_some(state)
+    })
+    .await;
+    assert_eq!(done["state"], "done", "{done}");
+    eventually(PATIENCE, "the synced change is in the table", || async {
+        let email: Option<String> =
+            sqlx::query_scalar("select email from stripe.customers where id = 'cus_001'")
+                .fetch_one(&env.pool)
+                .await
+                .ok()?;
+        (email.as_deref() == Some("changed@example.com")).then_some(())
+    })
+    .await;
     let _ = stop.send(());
     running.await.unwrap().unwrap();
 }
