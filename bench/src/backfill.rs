@@ -77,6 +77,11 @@ fn env(
         ("NATS_URL".into(), nats.url()),
         ("DATABASE_URL".into(), db.url().to_owned()),
         ("STRIPE_SYNC__STREAM__NAME".into(), stream.to_owned()),
+        // Each run its own subjects: both runs share one NATS server.
+        (
+            "STRIPE_SYNC__STREAM__SUBJECT_PREFIX".into(),
+            stream.to_lowercase(),
+        ),
         (
             "STRIPE_SYNC__STREAM__DLQ_NAME".into(),
             format!("{stream}_DLQ"),
@@ -114,7 +119,7 @@ pub(crate) async fn run(
     let (rate, endpoint, ranges) = if limited {
         ("98", "24", "4")
     } else {
-        ("100000", "100000", "16")
+        ("100000", "100000", "4")
     };
     env.insert(
         "STRIPE_SYNC__STRIPE__LIVE_REQUESTS_PER_SECOND".into(),

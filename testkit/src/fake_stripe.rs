@@ -339,21 +339,27 @@ fn error(status: StatusCode, kind: &str, code: &str, message: &str) -> Response 
         .into_response()
 }
 
-/// `created[gte]` and friends.
-fn created_ok(query: &HashMap<String, String>, created: i64) -> bool {
-    let bound = |k: &str| {
-        query
-            .get(&format!("created[{k}]"))
-            .and_then(|v| v.parse::<i64>().ok())
-    };
-    bound("gte").is_none_or(|b| created >= b)
-        && bound("gt").is_none_or(|b| created > b)
-        && bound("lte").is_none_or(|b| created <= b)
-        && bound("lt").is_none_or(|b| created < b)
-        && query
-            .get("created")
-            .and_then(|v| v.parse::<i64>().ok())
-            .is_none_or(|b| created == b)
+/// The `created` bounds of a query (`created[gte]` and friends, or `created=`), inclusive.
+fn created_bounds(query: &HashMap<String, String>) -> (i64, i64) {
+    let bound = |k: &str| query.get(k).and_then(|v| v.parse::<i64>().ok());
+    let mut low = i64::MIN;
+    let mut high = i64::MAX;
+    if let Some(b) = bound("created[gte]") {
+        low = low.max(b);
+    }
+    if let Some(b) = bound("created[gt]") {
+        low = low.max(b.saturating_add(1));
+    }
+    if let Some(b) = bound("created[lte]") {
+        high = high.min(b);
+    }
+    if let Some(b) = bound("created[lt]") {
+        high = high.min(b.saturating_sub(1));
+    }
+    if let Some(b) = bound("created") {
+        (low, high) = (low.max(b), high.min(b));
+    }
+    (low, high)
 }
 
 /// One page of `items` (already filtered, in list order) after `starting_after`. (The error is the response to
@@ -541,11 +547,14 @@ fn serve(s: &Fake, path: &str, account: &str, query: &HashMap<String, String>) -
             );
         }
         let undelivered = query.get("delivery_success").map(String::as_str) == Some("false");
+        let (low, high) = created_bounds(query);
         let events: Vec<&Entry> = data
             .events
             .iter()
             .filter(|(e, delivered)| {
-                e.created >= oldest && created_ok(query, e.created) && !(undelivered && *delivered)
+                e.created >= oldest
+                    && (low..=high).contains(&e.created)
+                    && !(undelivered && *delivered)
             })
             .map(|(e, _)| e)
             .collect();
@@ -565,14 +574,13 @@ fn serve(s: &Fake, path: &str, account: &str, query: &HashMap<String, String>) -
     if let Some(kind) = s.paths.get(path) {
         let hide_canceled = kind == "subscription" && !query.contains_key("status");
         let status = query.get("status").filter(|s| *s != "all");
-        let entries: Vec<&Entry> = data
-            .objects
-            .get(kind)
-            .map(|v| v.iter().collect())
-            .unwrap_or_default();
-        let entries: Vec<&Entry> = entries
-            .into_iter()
-            .filter(|e| created_ok(query, e.created))
+        // Entries are kept newest first: the created bounds are a slice, found by bisection.
+        let all = data.objects.get(kind).map_or(&[][..], Vec::as_slice);
+        let (low, high) = created_bounds(query);
+        let from = all.partition_point(|e| e.created > high);
+        let to = all.partition_point(|e| e.created >= low).max(from);
+        let entries: Vec<&Entry> = all[from..to]
+            .iter()
             .filter(|e| !(hide_canceled && e.status.as_deref() == Some("canceled")))
             .filter(|e| status.is_none_or(|s| e.status.as_deref() == Some(s.as_str())))
             .collect();

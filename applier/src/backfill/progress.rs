@@ -34,6 +34,24 @@ impl Default for Progress {
     }
 }
 
+impl Counts {
+    /// The share done, 0 to 1. Stripe's lists have no total: it is the share of each type's `created` span paged
+    /// so far (spans found empty left out), averaged over types.
+    fn done_share(&self) -> f64 {
+        let shares: Vec<f64> = self
+            .spans
+            .values()
+            .filter(|(_, total)| *total > 0)
+            .map(|(done, total)| (*done as f64 / *total as f64).min(1.0))
+            .collect();
+        if shares.is_empty() {
+            0.0
+        } else {
+            shares.iter().sum::<f64>() / shares.len() as f64
+        }
+    }
+}
+
 impl Progress {
     /// `n` objects of `kind` published.
     pub fn add(&self, kind: &str, n: u64) {
@@ -49,10 +67,17 @@ impl Progress {
         }
     }
 
-    /// `seconds` of `kind`'s span paged.
-    pub fn paged(&self, kind: &str, seconds: i64) {
+    /// `seconds` of `kind`'s span paged; `empty`: they held no object, so they leave the estimate altogether (a
+    /// type's objects are rarely spread over its whole span: years before the first customer are empty, and
+    /// counting them as done would promise an early end).
+    pub fn paged(&self, kind: &str, seconds: i64, empty: bool) {
         if let Ok(mut counts) = self.inner.lock() {
-            counts.spans.entry(kind.to_owned()).or_default().0 += seconds.max(0);
+            let span = counts.spans.entry(kind.to_owned()).or_default();
+            if empty {
+                span.1 = (span.1 - seconds.max(0)).max(span.0);
+            } else {
+                span.0 += seconds.max(0);
+            }
         }
     }
 
@@ -73,19 +98,7 @@ impl Progress {
         };
         let objects: u64 = counts.by_type.values().sum();
         let elapsed = counts.started.elapsed().as_secs_f64();
-        // Stripe's lists have no total: the estimate is the share of each type's `created` span paged so far,
-        // averaged over types.
-        let shares: Vec<f64> = counts
-            .spans
-            .values()
-            .filter(|(_, total)| *total > 0)
-            .map(|(done, total)| (*done as f64 / *total as f64).min(1.0))
-            .collect();
-        let done = if shares.is_empty() {
-            0.0
-        } else {
-            shares.iter().sum::<f64>() / shares.len() as f64
-        };
+        let done = counts.done_share();
         let eta = (done > 0.0).then(|| (elapsed * (1.0 - done) / done).round());
         json!({
             "objects": objects,
@@ -131,5 +144,32 @@ impl Progress {
                 None => eprintln!("{}", json!({ "backfill_progress": state })),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn share(p: &Progress) -> f64 {
+        p.inner.lock().unwrap().done_share()
+    }
+
+    #[test]
+    fn empty_years_do_not_make_the_estimate_promise_an_early_end() {
+        let p = Progress::default();
+        // Ten years of span, the objects all in the last one.
+        p.to_page("customer", 10_000);
+        p.paged("customer", 500, false);
+        assert!((share(&p) - 0.05).abs() < 1e-9);
+        // A split's older half, years before the first customer, is found empty: it leaves the estimate.
+        p.paged("customer", 9_000, true);
+        assert!((share(&p) - 0.5).abs() < 1e-9, "{}", share(&p));
+        p.paged("customer", 500, false);
+        assert!((share(&p) - 1.0).abs() < 1e-9);
+        // Two types: the average.
+        p.to_page("invoice", 100);
+        p.paged("invoice", 25, false);
+        assert!((share(&p) - 0.625).abs() < 1e-9);
     }
 }

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -326,20 +327,40 @@ impl TypeJob {
                 (Some((_, created)), true) => *created,
                 _ => range.start,
             };
-            progress.paged(kind, top - bottom);
+            // Above the page's newest object, the span held nothing: it leaves the estimate (see `Progress`).
+            let newest = items
+                .first()
+                .and_then(|o| o["created"].as_i64())
+                .unwrap_or(bottom)
+                .clamp(bottom, top);
+            progress.paged(kind, top - newest, true);
+            progress.paged(kind, newest - bottom, false);
             let room = active.load(Ordering::SeqCst) < self.backfill.ranges_per_type;
             let older = if has_more && list.created && room {
                 Self::split(&mut range)
             } else {
                 None
             };
-            let older = self
-                .checkpoint(&range, items.len(), !has_more, older)
-                .await
-                .map_err(|e| ApiError::GaveUp {
-                    attempts: 1,
-                    last: format!("checkpoint: {e}"),
-                })?;
+            // A busy or restarting Postgres delays the checkpoint; only one that keeps failing for minutes fails
+            // the type (and a new run resumes from the last checkpoint).
+            let mut attempt = 1;
+            let older = loop {
+                match self.checkpoint(&range, items.len(), !has_more, older).await {
+                    Ok(older) => break older,
+                    Err(e) if attempt < CHECKPOINT_ATTEMPTS => {
+                        let wait = Duration::from_millis(250 << attempt.min(6));
+                        tracing::warn!(object = kind, error = %e, attempt, retry_in = ?wait, "checkpoint failed; retrying");
+                        tokio::time::sleep(wait).await;
+                        attempt += 1;
+                    }
+                    Err(e) => {
+                        return Err(ApiError::GaveUp {
+                            attempts: attempt,
+                            last: format!("checkpoint: {e}"),
+                        });
+                    }
+                }
+            };
             if let Some(older) = older {
                 let _ = split.send(older);
             }
@@ -443,6 +464,9 @@ impl TypeJob {
         Ok(())
     }
 }
+
+/// Attempts at a checkpoint before the type fails: about four minutes of waits at 16 s at most.
+const CHECKPOINT_ATTEMPTS: u32 = 20;
 
 /// A list page's items and whether more follow. A page that isn't one (no `data` array, an item without a string
 /// id, or, where the list is paged by `created`, without an integer `created`) is an error: never the end of a list,
