@@ -68,6 +68,8 @@ enum Body_ {
 struct AccountData {
     /// Object type -> entries, newest first (created desc, id desc).
     objects: HashMap<String, Vec<Entry>>,
+    /// Object type -> id -> created: where a `starting_after` cursor sits in `objects`, found by bisection.
+    created_of: HashMap<String, HashMap<String, i64>>,
     /// `(list url)` -> every item of an embedded list, in order.
     lists: HashMap<String, Vec<Arc<str>>>,
     /// Events, newest first, with whether their webhook was delivered.
@@ -191,6 +193,10 @@ impl FakeStripe {
             status: object["status"].as_str().map(str::to_owned),
             body: Body_::Json(Arc::from(object.to_string())),
         };
+        data.created_of
+            .entry(kind.clone())
+            .or_default()
+            .insert(id.clone(), entry.created);
         let entries = data.objects.entry(kind).or_default();
         entries.retain(|e| e.id != id);
         let at = entries.partition_point(|e| sort_key(e) < sort_key(&entry));
@@ -200,12 +206,13 @@ impl FakeStripe {
     /// Removes an object (deleted at Stripe: retrieving it answers 404).
     pub fn remove(&self, account: &str, kind: &str, id: &str) {
         let mut state = self.state.lock().unwrap();
-        if let Some(entries) = state
-            .accounts
-            .get_mut(account)
-            .and_then(|d| d.objects.get_mut(kind))
-        {
-            entries.retain(|e| e.id != id);
+        if let Some(data) = state.accounts.get_mut(account) {
+            if let Some(entries) = data.objects.get_mut(kind) {
+                entries.retain(|e| e.id != id);
+            }
+            if let Some(ids) = data.created_of.get_mut(kind) {
+                ids.remove(id);
+            }
         }
     }
 
@@ -233,6 +240,10 @@ impl FakeStripe {
             })
             .collect();
         entries.sort_by_key(sort_key);
+        data.created_of.insert(
+            kind.clone(),
+            entries.iter().map(|e| (e.id.clone(), e.created)).collect(),
+        );
         data.objects.insert(kind, entries);
     }
 
@@ -370,34 +381,46 @@ fn page<T>(
     id_of: impl Fn(&T) -> &str,
     query: &HashMap<String, String>,
 ) -> Result<(Vec<usize>, bool), Response> {
-    let limit: usize = query
-        .get("limit")
-        .map(|l| l.parse().unwrap_or(0))
-        .unwrap_or(10);
-    if !(1..=100).contains(&limit) {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "parameter_invalid_integer",
-            "limit must be between 1 and 100",
-        ));
-    }
+    let limit = limit_of(query)?;
     let start = match query.get("starting_after") {
         Some(after) => match items.iter().position(|i| id_of(i) == after) {
             Some(at) => at + 1,
             None => {
-                return Err(error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request_error",
-                    "resource_missing",
-                    "starting_after: no such object",
-                ));
+                return Err(missing_cursor());
             }
         },
         None => 0,
     };
     let end = (start + limit).min(items.len());
     Ok(((start..end).collect(), end < items.len()))
+}
+
+/// `limit`: 10 by default, 1 to 100.
+#[allow(clippy::result_large_err)]
+fn limit_of(query: &HashMap<String, String>) -> Result<usize, Response> {
+    let limit: usize = query
+        .get("limit")
+        .map(|l| l.parse().unwrap_or(0))
+        .unwrap_or(10);
+    if (1..=100).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "parameter_invalid_integer",
+            "limit must be between 1 and 100",
+        ))
+    }
+}
+
+fn missing_cursor() -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        "resource_missing",
+        "starting_after: no such object",
+    )
 }
 
 fn list_body(url: &str, data: Vec<Value>, has_more: bool) -> Value {
@@ -579,20 +602,36 @@ fn serve(s: &Fake, path: &str, account: &str, query: &HashMap<String, String>) -
         let (low, high) = created_bounds(query);
         let from = all.partition_point(|e| e.created > high);
         let to = all.partition_point(|e| e.created >= low).max(from);
-        let entries: Vec<&Entry> = all[from..to]
+        // The page starts just after the cursor, found by bisection on its (created, id): a page costs the
+        // same at the end of a million objects as at the start.
+        let begin = match query.get("starting_after") {
+            None => from,
+            Some(after) => match data.created_of.get(kind).and_then(|ids| ids.get(after)) {
+                Some(&created) => {
+                    let cursor = (std::cmp::Reverse(created), std::cmp::Reverse(after.clone()));
+                    from + all[from..to].partition_point(|e| sort_key(e) <= cursor)
+                }
+                None => return missing_cursor(),
+            },
+        };
+        let limit = match limit_of(query) {
+            Ok(limit) => limit,
+            Err(response) => return response,
+        };
+        let mut picked: Vec<&Entry> = all[begin..to]
             .iter()
             .filter(|e| !(hide_canceled && e.status.as_deref() == Some("canceled")))
             .filter(|e| status.is_none_or(|s| e.status.as_deref() == Some(s.as_str())))
+            .take(limit + 1)
             .collect();
-        return match page(&entries, |e| &e.id, query) {
-            Ok((picked, has_more)) => axum::Json(list_body(
-                path,
-                picked.iter().map(|&i| s.render(kind, entries[i])).collect(),
-                has_more,
-            ))
-            .into_response(),
-            Err(response) => response,
-        };
+        let has_more = picked.len() > limit;
+        picked.truncate(limit);
+        return axum::Json(list_body(
+            path,
+            picked.iter().map(|e| s.render(kind, e)).collect(),
+            has_more,
+        ))
+        .into_response();
     }
     if let Some(items) = data.lists.get(path) {
         let ids: Vec<String> = items
