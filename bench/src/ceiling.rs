@@ -224,13 +224,7 @@ async fn run_once(
 
 /// Measures the ceiling with 1, 2 and 4 connections.
 pub(crate) async fn run(n: usize, batch_size: usize) -> anyhow::Result<Ceiling> {
-    let bodies = crate::events::generate(n, 0.3, 3);
-    let events: Vec<Incoming> = bodies
-        .iter()
-        .enumerate()
-        .map(|(i, b)| Incoming::parse(i as u64 + 1, b))
-        .collect::<Result<_, _>>()?;
-    drop(bodies);
+    let events = crate::events::parsed(n)?;
     let mut by_connections = Vec::new();
     let counts: Vec<usize> = std::env::var("BENCH_CEILING_CONNECTIONS")
         .ok()

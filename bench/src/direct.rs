@@ -2,17 +2,11 @@
 //! cost of the upsert SQL from the stream and the worker.
 use std::time::Instant;
 use stripe_sync_applier::apply::{Applier, Mode};
-use stripe_sync_applier::event::Incoming;
 use stripe_sync_applier::registry::Registry;
 use stripe_sync_testkit::db::TestDb;
 
 pub(crate) async fn run(n: usize) -> anyhow::Result<()> {
-    let bodies = crate::events::generate(n, 0.3, 3);
-    let events: Vec<Incoming> = bodies
-        .iter()
-        .enumerate()
-        .map(|(i, b)| Incoming::parse(i as u64 + 1, b))
-        .collect::<Result<_, _>>()?;
+    let events = crate::events::parsed(n)?;
     let db = TestDb::create().await;
     let options = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(db.url())?
         .options([("plan_cache_mode", "force_generic_plan")]);

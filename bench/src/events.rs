@@ -129,3 +129,13 @@ fn unique_list_items(object: &mut Value, parent_id: &str) {
         }
     }
 }
+
+/// `n` generated events, parsed as the applier reads them (stream sequences from 1).
+pub(crate) fn parsed(n: usize) -> anyhow::Result<Vec<stripe_sync_applier::event::Incoming>> {
+    generate(n, 0.3, 3)
+        .iter()
+        .enumerate()
+        .map(|(i, b)| stripe_sync_applier::event::Incoming::parse(i as u64 + 1, b))
+        .collect::<Result<_, _>>()
+        .map_err(Into::into)
+}

@@ -547,6 +547,23 @@ async fn sync_reads_given_objects_again_now() {
     applier.stop().await;
 }
 
+/// The admin job's state once it is no longer running.
+async fn finished_job(http: &reqwest::Client, base: &str, job: u64, what: &str) -> Value {
+    eventually(PATIENCE, what, || async {
+        let state: Value = http
+            .get(format!("{base}/jobs/{job}"))
+            .bearer_auth("admin-secret")
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (state["state"] != "running").then_some(state)
+    })
+    .await
+}
+
 #[tokio::test]
 async fn the_admin_listener_serves_backfill_sync_and_jobs_to_bearers_of_its_token_only() {
     let fake = fake(&[]).await;
@@ -601,19 +618,7 @@ async fn the_admin_listener_serves_backfill_sync_and_jobs_to_bearers_of_its_toke
         .await
         .unwrap();
     let job = started["job"].as_u64().unwrap();
-    let done = eventually(PATIENCE, "the backfill job is done", || async {
-        let state: Value = http
-            .get(format!("{base}/jobs/{job}"))
-            .bearer_auth("admin-secret")
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        (state["state"] != "running").then_some(state)
-    })
-    .await;
+    let done = finished_job(&http, &base, job, "the backfill job is done").await;
     assert_eq!(done["state"], "done", "{done}");
     assert_eq!(done["progress"]["objects"], 150, "{done}");
     // The customer changes without a webhook; a sync over HTTP reads it again.
@@ -636,19 +641,7 @@ async fn the_admin_listener_serves_backfill_sync_and_jobs_to_bearers_of_its_toke
     assert_eq!(synced.status(), 202);
     let job: Value = synced.json().await.unwrap();
     let job = job["job"].as_u64().unwrap();
-    let done = eventually(PATIENCE, "the sync job is done", || async {
-        let state: Value = http
-            .get(format!("{base}/jobs/{job}"))
-            .bearer_auth("admin-secret")
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        (state["state"] != "running").then_some(state)
-    })
-    .await;
+    let done = finished_job(&http, &base, job, "the sync job is done").await;
     assert_eq!(done["state"], "done", "{done}");
     eventually(PATIENCE, "the synced change is in the table", || async {
         let email: Option<String> =
