@@ -40,6 +40,8 @@ struct Admin {
     token: SecretString,
     jobs: Arc<Mutex<BTreeMap<u64, Job>>>,
     next: Arc<AtomicU64>,
+    /// The API client, stream and pool every job shares (one rate budget), made by the first job.
+    context: Arc<tokio::sync::OnceCell<crate::backfill::Backfill>>,
 }
 
 /// The admin router, authenticating every request with `token`.
@@ -49,6 +51,7 @@ pub fn router(settings: Settings, token: SecretString) -> Router {
         token,
         jobs: Arc::default(),
         next: Arc::new(AtomicU64::new(1)),
+        context: Arc::default(),
     };
     Router::new()
         .route("/backfill", post(backfill))
@@ -114,10 +117,17 @@ impl Admin {
                 },
             );
         }
-        let (settings, jobs) = (self.settings.clone(), self.jobs.clone());
+        let (settings, jobs, context) = (
+            self.settings.clone(),
+            self.jobs.clone(),
+            self.context.clone(),
+        );
         tokio::spawn(async move {
             let outcome = async {
-                let mut backfill = crate::commands::backfill_context(&settings).await?;
+                let mut backfill = context
+                    .get_or_try_init(|| crate::commands::backfill_context(&settings))
+                    .await?
+                    .clone();
                 backfill.progress = progress;
                 work(backfill).await
             }
@@ -162,28 +172,9 @@ async fn sync(
 ) -> Response {
     let request = body.map(|Json(b)| b).unwrap_or_default();
     admin.start(format!("sync {table}"), move |backfill| async move {
-        let options = Options {
-            objects: vec![table],
-            restart: true,
-            ..Options::default()
-        };
-        let spec = backfill
-            .types(&options)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| anyhow::anyhow!("nothing to sync"))?;
-        if request.ids.is_empty() {
-            let summary = backfill.run(&options).await?;
-            anyhow::ensure!(summary.ok(), "{summary}");
-            return Ok(summary.to_string());
-        }
-        let synced = backfill
-            .sync_ids(spec, request.account.as_deref(), &request.ids)
-            .await?;
-        Ok(synced
-            .iter()
-            .map(|(id, outcome)| format!("{id}\t{outcome:?}\n"))
-            .collect())
+        backfill
+            .sync(&table, request.account.as_deref(), &request.ids)
+            .await
     })
 }
 

@@ -128,10 +128,16 @@ pub struct StripeClient {
     backoff_max: Duration,
 }
 
-/// `n` requests per second, evenly spaced (no bursts): any one-second window then holds at most n + 1 requests, so
-/// a budget set just under Stripe's limit (100/s, 25/s per endpoint) never meets it, whatever the concurrency.
+/// A budget of `n` requests per second: never more than n + 1 in any one-second window, so a budget set just under
+/// Stripe's limit (100/s, 25/s per endpoint) never meets it, whatever the concurrency. Requests are spaced at
+/// 1/(n + 1 - b) s with a burst of b = n/25 (1 to 4): the burst absorbs a waiter's wake-up coming late (timers fire
+/// up to a millisecond after the slot, and a waiter may be busy), which with no burst at all loses the slot for
+/// good: about 10 % of the budget at 100/s.
 fn per_second(n: u32) -> Quota {
-    Quota::per_second(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN)).allow_burst(NonZeroU32::MIN)
+    let burst = (n / 25).clamp(1, 4);
+    let rate = (n + 1).saturating_sub(burst).max(1);
+    Quota::per_second(NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN))
+        .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN))
 }
 
 impl StripeClient {
@@ -184,8 +190,10 @@ impl StripeClient {
     ) -> Result<Value, ApiError> {
         let mut last = String::new();
         for attempt in 1..=self.max_attempts {
-            self.global.until_ready().await;
+            // The endpoint's slot first: while the account's budget is the one that binds (many types at once),
+            // a request waiting for it holds an endpoint slot nobody else needed, never an account slot.
             self.endpoints.until_key_ready(&endpoint.to_owned()).await;
+            self.global.until_ready().await;
             let mut request = self
                 .http
                 .get(format!("{}{path}", self.base))
@@ -208,6 +216,36 @@ impl StripeClient {
             attempts: self.max_attempts,
             last,
         })
+    }
+
+    /// Every connected account's id, from `GET /v1/accounts`.
+    pub async fn connected_accounts(&self) -> Result<Vec<String>, ApiError> {
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut query = vec![("limit".to_owned(), "100".to_owned())];
+            if let Some(after) = &cursor {
+                query.push(("starting_after".into(), after.clone()));
+            }
+            let page = self
+                .get("/v1/accounts", "/v1/accounts", &query, None)
+                .await?;
+            let Some(data) = page["data"].as_array() else {
+                return Err(ApiError::Unreadable(
+                    "GET /v1/accounts answered a page without a data array".into(),
+                ));
+            };
+            out.extend(
+                data.iter()
+                    .filter_map(|a| a["id"].as_str().map(str::to_owned)),
+            );
+            cursor = data
+                .last()
+                .and_then(|a| a["id"].as_str().map(str::to_owned));
+            if page["has_more"] != Value::Bool(true) || cursor.is_none() {
+                return Ok(out);
+            }
+        }
     }
 
     /// One attempt: the object, or `Err(Ok(reason))` to retry, or `Err(Err(error))` to stop.
@@ -315,36 +353,41 @@ mod tests {
         assert!(!is_live_key("sk_test_x") && !is_live_key("rk_test_x"));
     }
 
-    /// A greedy client never puts more than n + 1 requests in any one-second window, and still sustains n per
-    /// second: a budget of 99/s never meets Stripe's 100/s.
+    /// A greedy client never puts more than n + 1 requests in any one-second window, and sustains nearly n per
+    /// second even when every wake-up comes up to 2 ms late (a timer's resolution, a busy task): with a budget of
+    /// 99/s, Stripe's 100/s is never met and little of it is lost.
     #[test]
-    fn the_budget_never_exceeds_the_rate_in_any_second_and_sustains_it() {
-        use governor::clock::FakeRelativeClock;
-        for n in [1, 8, 20, 25, 80] {
+    fn the_budget_never_exceeds_the_rate_in_any_second_and_sustains_it_despite_late_wake_ups() {
+        use governor::clock::{Clock as _, FakeRelativeClock, Reference as _};
+        let mut rng = fastrand::Rng::with_seed(7);
+        for n in [1, 8, 20, 25, 80, 98] {
             let clock = FakeRelativeClock::default();
+            let start = clock.now();
             let limiter = RateLimiter::direct_with_clock(per_second(n), clock.clone());
-            let mut sent = Vec::new();
-            // Ticks of 100 µs over 10 s.
-            for tick in 0..100_000u64 {
-                while limiter.check().is_ok() {
-                    sent.push(tick);
+            let mut sent: Vec<Duration> = Vec::new();
+            while clock.now().duration_since(start) < Duration::from_secs(10).into() {
+                match limiter.check() {
+                    Ok(()) => sent.push(clock.now().duration_since(start).into()),
+                    Err(not_until) => {
+                        let late = Duration::from_micros(rng.u64(0..2_000));
+                        clock.advance(not_until.wait_time_from(clock.now()) + late);
+                    }
                 }
-                clock.advance(Duration::from_micros(100));
             }
             let most = (0..sent.len())
                 .map(|i| {
                     sent[i..]
                         .iter()
-                        .take_while(|t| **t < sent[i] + 10_000)
+                        .take_while(|t| **t < sent[i] + Duration::from_secs(1))
                         .count()
                 })
                 .max()
                 .unwrap();
             assert!(most <= n as usize + 1, "{n}/s: {most} in one second");
+            let sustained = sent.len() as f64 / 10.0;
             assert!(
-                sent.len() as u32 >= n * 10,
-                "{n}/s: only {} in 10 s",
-                sent.len()
+                sustained >= f64::from(n).mul_add(0.95, -1.0),
+                "{n}/s: only {sustained}/s sustained"
             );
         }
     }

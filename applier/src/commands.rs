@@ -177,27 +177,10 @@ pub async fn sync(
     account: Option<&str>,
     ids: &[String],
 ) -> anyhow::Result<String> {
-    let backfill = backfill_context(settings).await?;
-    let options = crate::backfill::Options {
-        objects: vec![table.to_owned()],
-        restart: true,
-        ..Default::default()
-    };
-    let spec = backfill
-        .types(&options)?
-        .into_iter()
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("nothing to sync"))?;
-    if ids.is_empty() {
-        let summary = backfill.run(&options).await?;
-        anyhow::ensure!(summary.ok(), "{summary}");
-        return Ok(summary.to_string());
-    }
-    let mut out = String::new();
-    for (id, outcome) in backfill.sync_ids(spec, account, ids).await? {
-        out += &format!("{id}\t{outcome:?}\n");
-    }
-    Ok(out)
+    backfill_context(settings)
+        .await?
+        .sync(table, account, ids)
+        .await
 }
 
 /// Publishes the events of Stripe's `GET /v1/events` since `since`.
@@ -205,6 +188,7 @@ pub async fn recover(
     settings: &Settings,
     since: i64,
     undelivered_only: bool,
+    connected_accounts: bool,
 ) -> anyhow::Result<crate::recover::Recovered> {
     let api = crate::api::StripeClient::new(&settings.stripe)?;
     let (client, _stream, topology) =
@@ -215,6 +199,7 @@ pub async fn recover(
         &topology,
         since,
         undelivered_only,
+        connected_accounts,
     )
     .await
 }

@@ -75,6 +75,9 @@ struct RecoverArgs {
     /// Only events whose webhook delivery failed (`delivery_success=false`).
     #[arg(long)]
     undelivered_only: bool,
+    /// Also every connected account's events (read with `Stripe-Account`).
+    #[arg(long)]
+    connected_accounts: bool,
 }
 
 #[derive(Args)]
@@ -162,6 +165,7 @@ async fn main() -> anyhow::Result<()> {
                 &settings,
                 args.since.unix_timestamp(),
                 args.undelivered_only,
+                args.connected_accounts,
             )
             .await?;
             println!(

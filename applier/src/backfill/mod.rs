@@ -17,7 +17,7 @@ mod range;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio::sync::Semaphore;
 
@@ -25,7 +25,7 @@ use crate::api::{ApiError, StripeClient};
 use crate::registry::{ListEndpoint, ObjectSpec, Registry};
 use crate::snapshot::Publisher;
 pub use progress::Progress;
-use range::{Range, TypeJob};
+use range::{PAGE, Range, TypeJob, list_page};
 
 /// What to load.
 #[derive(Debug, Clone, Default)]
@@ -160,9 +160,22 @@ impl Backfill {
         let types = self.types(options)?;
         let names: Vec<String> = types.iter().map(|s| s.object_type.clone()).collect();
         let run = range::find_or_create_run(&self.pool, &names, options).await?;
+        // One process per run: a second one would fetch every page twice. The lock lives as long as this
+        // connection (a killed backfill releases it with its connection).
+        let mut lock = self.pool.acquire().await?.detach();
+        let locked: bool = sqlx::query_scalar(
+            "select pg_try_advisory_lock('stripe.backfill_runs'::regclass::oid::int, $1::int)",
+        )
+        .bind(run)
+        .fetch_one(&mut lock)
+        .await?;
+        anyhow::ensure!(
+            locked,
+            "another backfill is loading the same objects right now (run {run}); watch it, or wait for it to end"
+        );
         let mut accounts: Vec<Option<String>> = vec![None];
         if options.connected_accounts {
-            accounts.extend(self.connected_accounts().await?.into_iter().map(Some));
+            accounts.extend(self.api.connected_accounts().await?.into_iter().map(Some));
         }
         let slots = Arc::new(Semaphore::new(self.types_in_parallel.max(1)));
         let mut jobs = tokio::task::JoinSet::new();
@@ -213,36 +226,54 @@ impl Backfill {
         if summary.ok() {
             range::finish_run(&self.pool, run).await?;
         }
+        sqlx::Connection::close(lock).await?;
         summary.published = self.progress.published();
         summary.elapsed = started.elapsed();
         Ok(summary)
     }
+}
 
-    /// Every connected account's id, from `GET /v1/accounts`.
-    async fn connected_accounts(&self) -> anyhow::Result<Vec<String>> {
-        let mut out = Vec::new();
-        let mut cursor: Option<String> = None;
-        loop {
-            let mut query = vec![("limit".to_owned(), "100".to_owned())];
-            if let Some(after) = &cursor {
-                query.push(("starting_after".into(), after.clone()));
+impl Backfill {
+    /// Fetches to the end every list the object embeds cut short (`has_more`), and embeds it whole.
+    async fn complete_lists(
+        &self,
+        spec: &ObjectSpec,
+        object: &mut Value,
+        account: Option<&str>,
+    ) -> Result<(), ApiError> {
+        let id = object["id"].as_str().unwrap_or_default().to_owned();
+        for child in self.registry.children_of(&spec.object_type) {
+            let list = &mut object[&child.field];
+            if list["has_more"] != json!(true) {
+                continue;
             }
-            let page = self
-                .api
-                .get("/v1/accounts", "/v1/accounts", &query, None)
-                .await?;
-            let data = page["data"].as_array().cloned().unwrap_or_default();
-            out.extend(
-                data.iter()
-                    .filter_map(|a| a["id"].as_str().map(str::to_owned)),
-            );
-            cursor = data
-                .last()
-                .and_then(|a| a["id"].as_str().map(str::to_owned));
-            if page["has_more"] != Value::Bool(true) || cursor.is_none() {
-                return Ok(out);
+            let Some(url) = list["url"].as_str().map(str::to_owned) else {
+                continue;
+            };
+            if !url.starts_with("/v1/") {
+                return Err(ApiError::Unreadable(format!(
+                    "the list {} of {id} has the url {url:?}",
+                    child.field
+                )));
             }
+            let endpoint = url.replace(&id, "{id}");
+            let mut data: Vec<Value> = list["data"].as_array().cloned().unwrap_or_default();
+            loop {
+                let mut query = vec![("limit".to_owned(), PAGE.to_string())];
+                if let Some(after) = data.last().and_then(|i| i["id"].as_str()) {
+                    query.push(("starting_after".into(), after.to_owned()));
+                }
+                let page = self.api.get(&endpoint, &url, &query, account).await?;
+                let (more, has_more) = list_page(page, false)?;
+                data.extend(more);
+                if !has_more {
+                    break;
+                }
+            }
+            list["data"] = Value::Array(data);
+            list["has_more"] = json!(false);
         }
+        Ok(())
     }
 }
 
@@ -277,6 +308,36 @@ pub enum Synced {
 }
 
 impl Backfill {
+    /// `sync <table> [ids...]`: re-reads a whole table now (a new run), or the given objects; a report to print.
+    pub async fn sync(
+        &self,
+        table: &str,
+        account: Option<&str>,
+        ids: &[String],
+    ) -> anyhow::Result<String> {
+        let options = Options {
+            objects: vec![table.to_owned()],
+            restart: true,
+            ..Options::default()
+        };
+        let spec = self
+            .types(&options)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("nothing to sync"))?;
+        if ids.is_empty() {
+            let summary = self.run(&options).await?;
+            anyhow::ensure!(summary.ok(), "{summary}");
+            return Ok(summary.to_string());
+        }
+        Ok(self
+            .sync_ids(spec, account, ids)
+            .await?
+            .iter()
+            .map(|(id, outcome)| format!("{id}\t{outcome:?}\n"))
+            .collect())
+    }
+
     /// Reads the given objects of one type now and publishes them (`sync <type> <ids...>`).
     pub async fn sync_ids(
         &self,
@@ -316,7 +377,8 @@ impl Backfill {
                         object["id"]
                     );
                 }
-                Ok(object) => {
+                Ok(mut object) => {
+                    self.complete_lists(spec, &mut object, account).await?;
                     self.publisher
                         .publish_all(&[crate::snapshot::Snapshot {
                             account,

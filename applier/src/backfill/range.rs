@@ -15,7 +15,7 @@ use crate::registry::{ListEndpoint, ObjectSpec};
 use crate::snapshot::Snapshot;
 
 /// Objects per page, Stripe's most.
-const PAGE: usize = 100;
+pub(super) const PAGE: usize = 100;
 
 /// A range of `created` being paged newest first.
 #[derive(Debug, Clone)]
@@ -292,7 +292,9 @@ impl TypeJob {
             };
             let (mut items, has_more) = list_page(page, list.created)?;
             for item in &mut items {
-                self.complete_lists(item, header).await?;
+                self.backfill
+                    .complete_lists(self.spec, item, header)
+                    .await?;
             }
             let snapshots: Vec<Snapshot<'_>> = items
                 .iter()
@@ -418,51 +420,6 @@ impl TypeJob {
         tx.commit().await?;
         Ok(older)
     }
-
-    /// Fetches to the end every list the object embeds cut short (`has_more`), and embeds it whole.
-    async fn complete_lists(
-        &self,
-        object: &mut Value,
-        account: Option<&str>,
-    ) -> Result<(), ApiError> {
-        let id = object["id"].as_str().unwrap_or_default().to_owned();
-        for child in self.backfill.registry.children_of(&self.spec.object_type) {
-            let list = &mut object[&child.field];
-            if list["has_more"] != json!(true) {
-                continue;
-            }
-            let Some(url) = list["url"].as_str().map(str::to_owned) else {
-                continue;
-            };
-            if !url.starts_with("/v1/") {
-                return Err(ApiError::Unreadable(format!(
-                    "the list {} of {id} has the url {url:?}",
-                    child.field
-                )));
-            }
-            let endpoint = url.replace(&id, "{id}");
-            let mut data: Vec<Value> = list["data"].as_array().cloned().unwrap_or_default();
-            loop {
-                let mut query = vec![("limit".to_owned(), PAGE.to_string())];
-                if let Some(after) = data.last().and_then(|i| i["id"].as_str()) {
-                    query.push(("starting_after".into(), after.to_owned()));
-                }
-                let page = self
-                    .backfill
-                    .api
-                    .get(&endpoint, &url, &query, account)
-                    .await?;
-                let (more, has_more) = list_page(page, false)?;
-                data.extend(more);
-                if !has_more {
-                    break;
-                }
-            }
-            list["data"] = Value::Array(data);
-            list["has_more"] = json!(false);
-        }
-        Ok(())
-    }
 }
 
 /// Attempts at a checkpoint before the type fails: about four minutes of waits at 16 s at most.
@@ -471,7 +428,7 @@ const CHECKPOINT_ATTEMPTS: u32 = 20;
 /// A list page's items and whether more follow. A page that isn't one (no `data` array, an item without a string
 /// id, or, where the list is paged by `created`, without an integer `created`) is an error: never the end of a list,
 /// and never a cursor that would page from the top again.
-fn list_page(page: Value, created: bool) -> Result<(Vec<Value>, bool), ApiError> {
+pub(super) fn list_page(page: Value, created: bool) -> Result<(Vec<Value>, bool), ApiError> {
     let has_more = page["has_more"] == json!(true);
     let Value::Array(items) = page.get("data").cloned().unwrap_or(Value::Null) else {
         return Err(ApiError::Unreadable(

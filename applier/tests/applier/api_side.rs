@@ -314,7 +314,7 @@ async fn within_its_second_a_snapshot_beats_the_creation_and_yields_to_a_change(
 }
 
 #[tokio::test]
-async fn a_backfill_killed_mid_way_resumes_where_it_stopped() {
+async fn a_backfill_killed_mid_way_resumes_where_it_stopped_and_never_runs_twice_at_once() {
     let fake = fake(&[]).await;
     let now = stripe::now();
     for i in 0..3000 {
@@ -346,7 +346,22 @@ async fn a_backfill_killed_mid_way_resumes_where_it_stopped() {
         (n >= 500).then_some(())
     })
     .await;
+    // While it runs (its pages now slow), a second backfill of the same objects refuses rather than fetch every
+    // page twice.
+    fake.set_behaviour(Behaviour {
+        latency: Duration::from_secs(5),
+        ..Behaviour::default()
+    });
+    let (ok, output) = env.applier_cli(&args).await;
+    assert!(
+        !ok && output.contains("another backfill is loading the same objects"),
+        "{output}"
+    );
     first.kill();
+    fake.set_behaviour(Behaviour {
+        latency: Duration::from_millis(20),
+        ..Behaviour::default()
+    });
     let pages_before = fake
         .requests()
         .iter()
@@ -460,8 +475,9 @@ async fn a_wrong_key_fails_at_once_with_a_clear_message() {
 
 #[tokio::test]
 async fn recover_closes_a_gap_of_missed_webhooks_and_refuses_one_older_than_30_days() {
-    let fake = fake(&[]).await;
+    let fake = fake(&["acct_r"]).await;
     let now = stripe::now();
+    fake.put(PLATFORM, &with("account", "acct_r", now - 9000, json!({})));
     let events: Vec<Value> = (0..5)
         .map(|i| {
             customer_event(
@@ -475,6 +491,18 @@ async fn recover_closes_a_gap_of_missed_webhooks_and_refuses_one_older_than_30_d
         .collect();
     for (i, event) in events.iter().enumerate() {
         fake.put_event(PLATFORM, event, i % 2 == 0);
+    }
+    // A connected account's events are read with its `Stripe-Account`; the API leaves `account` out of them.
+    for i in 0..2 {
+        let mut event = customer_event(
+            &format!("evt_gap_connected_{i}"),
+            "customer.created",
+            now - 3000 + i,
+            &format!("cus_gap_connected_{i}"),
+            "c@example.com",
+        );
+        event.as_object_mut().unwrap().remove("account");
+        fake.put_event("acct_r", &event, false);
     }
     let env = test_env(&fake, &[]).await;
     let applier = env.start_applier().await;
@@ -491,11 +519,24 @@ async fn recover_closes_a_gap_of_missed_webhooks_and_refuses_one_older_than_30_d
         5,
     )
     .await;
+    // Again, with the connected accounts: what is already there changes nothing, the rest lands in its account.
+    let (ok, output) = env
+        .applier_cli(&["recover", "--since", &since, "--connected-accounts"])
+        .await;
+    assert!(
+        ok && output.contains("7 events read") && output.contains("2 not in the stream yet"),
+        "{output}"
+    );
+    env.wait_count(
+        "select count(*) from stripe.customers where id like 'cus_gap_connected_%' and _account_id = 'acct_r'",
+        2,
+    )
+    .await;
     env.wait_drained().await;
     assert_eq!(
         env.scalar::<i64>("select count(*) from stripe.events where id like 'evt_gap_%'")
             .await,
-        5
+        7
     );
     let too_old = time::OffsetDateTime::from_unix_timestamp(now - 40 * 24 * 3600)
         .unwrap()
@@ -522,6 +563,11 @@ async fn sync_reads_given_objects_again_now() {
             json!({ "email": "fresh@example.com" }),
         ),
     );
+    // An invoice with 25 lines: Stripe embeds 10 and says `has_more`.
+    let lines: Vec<Value> = (0..25)
+        .map(|i| with("line_item", &format!("il_s{i:02}"), now - 90, json!({})))
+        .collect();
+    fake.put(PLATFORM, &with("invoice", "in_s", now - 90, json!({ "lines": { "object": "list", "data": lines, "url": "/v1/invoices/in_s/lines" } })));
     let env = test_env(&fake, &[]).await;
     let applier = env.start_applier().await;
     env.publish(&customer_event(
@@ -543,6 +589,14 @@ async fn sync_reads_given_objects_again_now() {
         env.scalar::<String>("select email from stripe.customers where id = 'cus_s'")
             .await,
         "fresh@example.com"
+    );
+    let (ok, output) = env.applier_cli(&["sync", "invoices", "in_s"]).await;
+    assert!(ok, "{output}");
+    env.wait_drained().await;
+    assert_eq!(
+        env.scalar::<i64>("select count(*) from stripe.invoice_line_items where _parent_id = 'in_s' and not deleted").await,
+        25,
+        "a synced invoice's lines are fetched to the end"
     );
     applier.stop().await;
 }
