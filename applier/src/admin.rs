@@ -44,14 +44,19 @@ struct Admin {
     context: Arc<tokio::sync::OnceCell<crate::backfill::Backfill>>,
 }
 
-/// The admin router, authenticating every request with `token`.
-pub fn router(settings: Settings, token: SecretString) -> Router {
+/// The admin router, authenticating every request with `token`; jobs use `context` (the hydrator's: one rate
+/// budget per process), or one made by the first job.
+pub fn router(
+    settings: Settings,
+    token: SecretString,
+    context: Option<crate::backfill::Backfill>,
+) -> Router {
     let admin = Admin {
         settings: Arc::new(settings),
         token,
         jobs: Arc::default(),
         next: Arc::new(AtomicU64::new(1)),
-        context: Arc::default(),
+        context: Arc::new(tokio::sync::OnceCell::new_with(context)),
     };
     Router::new()
         .route("/backfill", post(backfill))

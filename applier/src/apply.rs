@@ -56,6 +56,8 @@ pub struct Applier {
     /// Built on first use from the migrated tables' columns; rebuilt after a table changed.
     statements: std::sync::Mutex<Option<Arc<Statements>>>,
     platform_account: String,
+    /// When on, what to queue for reading again from the API (see [`crate::hydrate`]).
+    hydration: Option<crate::hydrate::Policy>,
 }
 
 impl Writer for Applier {
@@ -92,7 +94,15 @@ impl Applier {
             pool,
             registry,
             platform_account: platform_account.into(),
+            hydration: None,
         }
+    }
+
+    /// The same, queueing objects for hydration by `policy`.
+    #[must_use]
+    pub fn with_hydration(mut self, policy: crate::hydrate::Policy) -> Self {
+        self.hydration = (policy.mode != crate::hydrate::Mode::Never).then_some(policy);
+        self
     }
 
     /// The pool.
@@ -177,12 +187,25 @@ impl Applier {
             unrouted: plan.unrouted,
             ..Report::default()
         };
+        let mut asks = match &self.hydration {
+            Some(policy) => crate::hydrate::asks_of_events(
+                policy,
+                self.registry,
+                new.iter().map(|e| (*e, self.account_of(e))),
+            ),
+            None => Vec::new(),
+        };
         for table in &plan.tables {
             for round in &table.rounds {
                 let written = store::upsert_rows(&mut tx, statements, table.index, round).await?;
                 report.rows_written += written.len();
                 report.rows_stale += round.len() - written.len();
                 report.ambiguous += written.iter().filter(|w| w.ambiguous).count();
+                let mut ties: Vec<(String, bool, String)> = written
+                    .iter()
+                    .filter(|w| w.ambiguous)
+                    .map(|w| w.key.clone())
+                    .collect();
                 let won_keys: HashSet<_> = written.iter().map(|w| w.key.clone()).collect();
                 let won: Vec<bool> = round
                     .iter()
@@ -197,12 +220,29 @@ impl Applier {
                         .filter(|(_, won)| !**won)
                         .map(|(r, _)| r.clone())
                         .collect();
-                    report.ambiguous +=
-                        store::flag_tie_losers(&mut tx, statements, table.index, &losers).await?
-                            as usize;
+                    let flagged =
+                        store::flag_tie_losers(&mut tx, statements, table.index, &losers).await?;
+                    report.ambiguous += flagged.len();
+                    ties.extend(flagged);
+                }
+                if let Some(policy) = &self.hydration {
+                    asks.extend(
+                        ties.into_iter()
+                            .filter(|(_, livemode, _)| policy.readable(table.spec, *livemode))
+                            .map(|(account, livemode, id)| crate::hydrate::Ask {
+                                account,
+                                livemode,
+                                table: table.spec.table.clone(),
+                                id,
+                                reason: crate::hydrate::reason::TIE,
+                            }),
+                    );
                 }
                 store::keep_lists(&mut tx, statements, table.index, round, &won).await?;
             }
+        }
+        if let Some(policy) = &self.hydration {
+            crate::hydrate::queue(&mut tx, &asks, policy.settle).await?;
         }
         tx.commit().await?;
         Ok(report)

@@ -138,19 +138,13 @@ pub async fn backfill_context(settings: &Settings) -> anyhow::Result<crate::back
     let applier = applier(settings).await?;
     let (client, _stream, topology) =
         startup::connect_streams(settings, "stripe-sync-applier-api").await?;
-    Ok(crate::backfill::Backfill {
-        publisher: crate::snapshot::Publisher::new(
-            async_nats::jetstream::new(client),
-            topology,
-            api.api_version(),
-        ),
+    Ok(crate::backfill::Backfill::new(
+        settings,
         api,
-        pool: applier.pool().clone(),
-        registry: Registry::shipped(),
-        types_in_parallel: settings.stripe.types_in_parallel.get(),
-        ranges_per_type: settings.stripe.ranges_per_type.get(),
-        progress: crate::backfill::Progress::default(),
-    })
+        async_nats::jetstream::new(client),
+        topology,
+        applier.pool().clone(),
+    ))
 }
 
 /// Runs a backfill, reporting progress meanwhile.

@@ -4,7 +4,9 @@
 //! Flow: [`consumer`] pulls a partition → [`worker`] holds its messages and runs batches through [`batch`] under the
 //! [`decision`] policy → [`apply`] writes each batch in one transaction: [`event`] parsing, [`plan`] (rounds of
 //! writes, by [`version`]), [`store`] (all SQL, with the ordering guard), guided by the [`registry`]. The
-//! [`supervisor`] deals partitions among appliers ([`membership`]); [`startup`] builds and runs it all.
+//! [`supervisor`] deals partitions among appliers ([`membership`]); [`startup`] builds and runs it all. The API
+//! side: [`api`] (the Stripe client), [`backfill`], [`recover`], [`hydrate`], [`admin`], all publishing through
+//! [`snapshot`].
 
 pub mod admin;
 pub mod api;
@@ -17,6 +19,7 @@ pub mod dead_letter;
 pub mod decision;
 pub mod error;
 pub mod event;
+pub mod hydrate;
 pub mod membership;
 pub mod migrate;
 pub mod plan;

@@ -149,6 +149,13 @@ pub struct ApplierSettings {
     /// Longest wait between retries. Database outages retry without limit.
     #[serde(with = "positive_duration")]
     pub retry_max: Duration,
+    /// With `STRIPE_API_KEY`: which objects are read again from the API after their events (`ambiguous`: rows a
+    /// bare same-second tie decided, events at another API version than `stripe.api_version`, lists Stripe cut
+    /// short; `always`: every object an event touched; `never`).
+    pub hydrate: crate::hydrate::Mode,
+    /// How long after the newest event asking for it an object is read (a burst of events costs one read).
+    #[serde(with = "positive_duration")]
+    pub hydrate_settle: Duration,
 }
 
 /// Stripe's API, for the API side.
@@ -231,6 +238,8 @@ impl Default for ApplierSettings {
             give_up_after: Duration::from_secs(600),
             retry_initial: Duration::from_millis(500),
             retry_max: Duration::from_secs(30),
+            hydrate: crate::hydrate::Mode::Ambiguous,
+            hydrate_settle: Duration::from_secs(2),
         }
     }
 }

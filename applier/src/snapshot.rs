@@ -26,15 +26,17 @@ pub struct Snapshot<'a> {
 }
 
 impl Snapshot<'_> {
-    /// The event's id: the same object read in the same second gives the same id (JetStream and the database
-    /// dedupe it); a later read is a new version.
+    /// The event's id: the same object read in the same second with the same content gives the same id
+    /// (JetStream and the database dedupe it); a later read, or a read of changed content within the second (a
+    /// `sync` right after a backfill), is a new version.
     #[must_use]
     pub fn event_id(&self) -> String {
         let key = format!(
-            "{}/{}/{}",
+            "{}/{}/{}/{}",
             self.account.unwrap_or(""),
             self.object["livemode"],
-            self.object["id"].as_str().unwrap_or_default()
+            self.object["id"].as_str().unwrap_or_default(),
+            self.object
         );
         format!("snap_{}_{:016x}", self.read_at, xxh3_64(key.as_bytes()))
     }
@@ -165,6 +167,17 @@ mod tests {
             snapshot.event_id(),
             later.event_id(),
             "a later read is a new version"
+        );
+        let changed =
+            json!({ "id": "cus_1", "object": "customer", "livemode": true, "email": "new@b.c" });
+        assert_ne!(
+            snapshot.event_id(),
+            Snapshot {
+                object: &changed,
+                ..snapshot
+            }
+            .event_id(),
+            "a change read within the same second is a new version, not a duplicate"
         );
     }
 }

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use crate::apply::Applier;
 use crate::consumer;
 use crate::dead_letter::DeadLetter;
+use crate::hydrate::{self, Hydrator};
 use crate::membership::Membership;
 use crate::registry::Registry;
 use crate::settings::Settings;
@@ -111,6 +112,8 @@ pub struct Application {
     membership: Membership,
     /// The admin listener, bound when `STRIPE_SYNC_ADMIN_TOKEN` is set.
     admin: Option<tokio::net::TcpListener>,
+    /// The hydration reader, when `STRIPE_API_KEY` is set and `applier.hydrate` is not `never`.
+    hydrator: Option<Hydrator>,
 }
 
 impl Application {
@@ -138,14 +141,42 @@ impl Application {
             None => None,
         };
         let js = jetstream::new(client.clone());
+        let mut applier = Applier::new(
+            pool.clone(),
+            Registry::shipped(),
+            settings.applier.account_id.clone(),
+        );
+        let hydrator = match &settings.stripe.api_key {
+            Some(key) if settings.applier.hydrate != hydrate::Mode::Never => {
+                let live = crate::api::is_live_key(key.expose_secret());
+                applier = applier.with_hydration(hydrate::Policy {
+                    mode: settings.applier.hydrate,
+                    api_version: settings.stripe.api_version.clone(),
+                    live,
+                    settle: settings.applier.hydrate_settle,
+                });
+                let api = Arc::new(crate::api::StripeClient::new(&settings.stripe)?);
+                Some(Hydrator {
+                    backfill: crate::backfill::Backfill::new(
+                        &settings,
+                        api,
+                        js.clone(),
+                        topology.clone(),
+                        pool,
+                    ),
+                    platform_account: settings.applier.account_id.clone(),
+                    live,
+                    settle: settings.applier.hydrate_settle,
+                    batch: 100,
+                    lease: std::time::Duration::from_secs(60),
+                })
+            }
+            _ => None,
+        };
         let membership =
             Membership::join(&js, &settings.stream.name, settings.applier.member_ttl).await?;
         let shared = Shared {
-            applier: Arc::new(Applier::new(
-                pool,
-                Registry::shipped(),
-                settings.applier.account_id.clone(),
-            )),
+            applier: Arc::new(applier),
             dead_letter: Arc::new(DeadLetter::new(js, topology.clone())),
             slots: Arc::new(tokio::sync::Semaphore::new(
                 settings.database.max_connections.get() as usize,
@@ -160,6 +191,7 @@ impl Application {
             shared,
             membership,
             admin,
+            hydrator,
         })
     }
 
@@ -188,10 +220,15 @@ impl Application {
             shared,
             membership,
             admin,
+            hydrator,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         if let (Some(listener), Some(token)) = (admin, shared.settings.admin.token.clone()) {
-            let router = crate::admin::router(shared.settings.clone(), token);
+            let router = crate::admin::router(
+                shared.settings.clone(),
+                token,
+                hydrator.as_ref().map(|h| h.backfill.clone()),
+            );
             let mut stop = stop_rx.clone();
             tracing::info!(
                 port = listener.local_addr().map(|a| a.port()).unwrap_or(0),
@@ -208,6 +245,7 @@ impl Application {
                 }
             });
         }
+        let hydrating = hydrator.map(|h| tokio::spawn(h.run(stop_rx.clone())));
         let stopper = tokio::spawn(async move {
             shutdown.await;
             let _ = stop_tx.send(true);
@@ -221,6 +259,15 @@ impl Application {
         let (client, pool) = (shared.client.clone(), shared.applier.pool().clone());
         supervisor::run(shared, membership, stop_rx).await;
         stopper.abort();
+        if let Some(hydrating) = hydrating
+            && tokio::time::timeout(std::time::Duration::from_secs(5), hydrating)
+                .await
+                .is_err()
+        {
+            tracing::warn!(
+                "hydration did not stop within 5 s; its claimed objects are read again later"
+            );
+        }
         if let Err(err) =
             tokio::time::timeout(std::time::Duration::from_secs(5), client.flush()).await
         {

@@ -242,7 +242,8 @@ fn tie_losers_sql(spec: &ObjectSpec) -> String {
          from {WRITES} \
          where t._account_id = w.account and t.livemode = w.livemode and t.id = w.id and not t._ambiguous \
            and (t._last_event_created, t._last_event_rank) = (w.created, w.rank) \
-           and stripe.tie_break(t._account_id, w.event_id, w.seq, t._last_event_id, t._last_event_seq) = -1",
+           and stripe.tie_break(t._account_id, w.event_id, w.seq, t._last_event_id, t._last_event_seq) = -1 \
+         returning t._account_id, t.livemode, t.id",
         table = spec.table
     )
 }
@@ -335,7 +336,7 @@ fn list_sql(parent: &ObjectSpec, child: &ChildList, columns: &[TypedColumn]) -> 
              stripe.j_bigint(current_list -> 'total_count'), current_list ->> 'url' \
            from parents where won and current_list -> 'has_more' = 'true'::jsonb \
            on conflict (_account_id, livemode, parent_table, parent_id, field) do update \
-             set total_count = excluded.total_count, url = excluded.url, _updated_at = now() \
+             set total_count = excluded.total_count, url = excluded.url, _updated_at = now(), hydrated_at = null \
            returning 1), \
          cleared as ( \
            delete from stripe.incomplete_lists l using parents p \
@@ -443,23 +444,24 @@ pub async fn upsert_rows(
         .collect())
 }
 
-/// Flags the rows that kept their state over `losers` (writes the guard refused) on stream order only.
+/// Flags the rows that kept their state over `losers` (writes the guard refused) on stream order only; returns
+/// their keys `(_account_id, livemode, id)`.
 pub async fn flag_tie_losers(
     conn: &mut PgConnection,
     statements: &Statements,
     table_index: usize,
     losers: &[ObjectRow<'_>],
-) -> Result<u64, sqlx::Error> {
+) -> Result<Vec<(String, bool, String)>, sqlx::Error> {
     if losers.is_empty() {
-        return Ok(0);
+        return Ok(Vec::new());
     }
     let sql = &statements.tables[table_index].tie_losers;
-    Ok(
-        bind_writes(sqlx::query(AssertSqlSafe(sql.as_str())), losers)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected(),
-    )
+    let rows = bind_writes(sqlx::query(AssertSqlSafe(sql.as_str())), losers)
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+        .collect()
 }
 
 /// Keeps the embedded lists of a round of parent writes; `won[i]` says whether `rows[i]` became the parent's state.

@@ -8,6 +8,7 @@ mod direct;
 mod e2e;
 mod events;
 mod harness;
+mod hydration;
 mod ingest;
 mod loadgen;
 mod report;
@@ -82,6 +83,11 @@ enum Command {
     },
     /// The batch writer alone: batches of 500 generated events on one connection, no NATS.
     Direct {
+        #[arg(long, default_value_t = 100_000)]
+        events: usize,
+    },
+    /// API reads hydration asks for in `ambiguous` mode, per 1,000 events of the corpus (no API called).
+    Hydration {
         #[arg(long, default_value_t = 100_000)]
         events: usize,
     },
@@ -179,6 +185,24 @@ async fn main() -> anyhow::Result<()> {
     if let Command::NoopServer { port } = cli.command {
         return ingest::noop_server(port).await;
     }
+    if let Command::Hydration { events } = cli.command {
+        println!(
+            "| delivery | events | objects read | list pages | reads per 1,000 events | by reason |"
+        );
+        println!("|---|---|---|---|---|---|");
+        for reads in hydration::run(events).await? {
+            println!(
+                "| {} | {} | {} | {} | {:.1} | {:?} |",
+                reads.order,
+                reads.events,
+                reads.objects,
+                reads.list_pages,
+                reads.per_thousand(),
+                reads.by_reason
+            );
+        }
+        return Ok(());
+    }
     let bins = harness::build_binaries()?;
     let nats = TestNats::start();
     let mut results = Results {
@@ -275,7 +299,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Direct { events } => direct::run(events).await?,
-        Command::NoopServer { .. } => {}
+        Command::NoopServer { .. } | Command::Hydration { .. } => {}
     }
     Ok(())
 }

@@ -121,6 +121,25 @@ pub struct Backfill {
 }
 
 impl Backfill {
+    /// A backfill reading through `api` and publishing to the stream of `topology`, with the settings' parallelism.
+    pub fn new(
+        settings: &crate::settings::Settings,
+        api: Arc<StripeClient>,
+        js: async_nats::jetstream::Context,
+        topology: stripe_sync_shared::subjects::Topology,
+        pool: PgPool,
+    ) -> Self {
+        Self {
+            publisher: Publisher::new(js, topology, api.api_version()),
+            api,
+            pool,
+            registry: Registry::shipped(),
+            types_in_parallel: settings.stripe.types_in_parallel.get(),
+            ranges_per_type: settings.stripe.ranges_per_type.get(),
+            progress: Progress::default(),
+        }
+    }
+
     /// The types `options` asks for (object types or table names), or every listable one.
     pub fn types(&self, options: &Options) -> anyhow::Result<Vec<&'static ObjectSpec>> {
         let listable: Vec<&'static ObjectSpec> = self
@@ -235,7 +254,7 @@ impl Backfill {
 
 impl Backfill {
     /// Fetches to the end every list the object embeds cut short (`has_more`), and embeds it whole.
-    async fn complete_lists(
+    pub(crate) async fn complete_lists(
         &self,
         spec: &ObjectSpec,
         object: &mut Value,

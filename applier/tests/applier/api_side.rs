@@ -14,7 +14,7 @@ use crate::helpers::{Direct, PATIENCE, TestEnv, customer_event};
 const KEY: &str = "sk_test_fake";
 
 /// A fake serving every list the registry knows (a connected account's lists under its id).
-async fn fake(connected: &[&str]) -> FakeStripe {
+pub(crate) async fn fake(connected: &[&str]) -> FakeStripe {
     let mut paths = Vec::new();
     for spec in Registry::shipped().objects() {
         let Some(list) = &spec.list else { continue };
@@ -45,13 +45,13 @@ fn env_for(fake: &FakeStripe, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     env
 }
 
-async fn test_env(fake: &FakeStripe, extra: &[(&str, &str)]) -> TestEnv {
+pub(crate) async fn test_env(fake: &FakeStripe, extra: &[(&str, &str)]) -> TestEnv {
     let env = env_for(fake, extra);
     let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     TestEnv::with_env(&pairs).await
 }
 
-fn with(kind: &str, id: &str, created: i64, fields: Value) -> Value {
+pub(crate) fn with(kind: &str, id: &str, created: i64, fields: Value) -> Value {
     let mut object = stripe::object(kind, id);
     object["created"] = json!(created);
     object["livemode"] = json!(false);

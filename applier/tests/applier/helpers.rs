@@ -440,6 +440,17 @@ impl Direct {
         }
     }
 
+    /// The same, queueing objects for hydration by `policy`.
+    pub(crate) fn hydrating(mut self, policy: stripe_sync_applier::hydrate::Policy) -> Self {
+        self.applier = stripe_sync_applier::apply::Applier::new(
+            self.pool.clone(),
+            stripe_sync_applier::registry::Registry::shipped(),
+            "platform",
+        )
+        .with_hydration(policy);
+        self
+    }
+
     /// Applies `events` as one batch, each at the next place in the stream.
     pub(crate) async fn apply(&self, events: &[Value]) -> stripe_sync_applier::apply::Report {
         let parsed: Vec<_> = events

@@ -9,6 +9,7 @@ mod e2e;
 mod faults;
 mod handover;
 mod helpers;
+mod hydration;
 mod lifecycle;
 mod lists;
 mod migrations;

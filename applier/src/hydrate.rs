@@ -1,0 +1,489 @@
+//! Hydration: reading again from Stripe's API the objects whose rows webhooks could not settle, and applying what
+//! the API answers as snapshots, through the stream, under the same ordering rule (see [`crate::snapshot`]).
+//!
+//! - What asks for it: the apply transaction queues, in `stripe.hydrate_queue`, each row a bare same-second tie
+//!   decided, each object whose event came at another API version than the pinned one (and, with `always`, every
+//!   object an event touched); a sweep queues the parents of lists Stripe cut short (`stripe.incomplete_lists`).
+//!   Only objects of the key's mode (a live key can't read test objects) whose type Stripe can retrieve by id.
+//! - Coalesced: one row per object; each new ask moves its read to a settle delay after the ask, so a burst of
+//!   events for one object costs one read, made after the burst, in a later second than its events (a read in the
+//!   same second would yield to them).
+//! - Durable and bounded: the queue is a Postgres table (one row per object at most). A reader claims due rows
+//!   with a lease (`for update skip locked`: several appliers share the work), reads, publishes, and only then
+//!   removes them; a crash leaves them to be claimed again when the lease ends. A row asked for again while it was
+//!   being read (`dirty`) is read again.
+//! - The API budget is the process's one client: a read waits for its slot; a 429 storm slows hydration down,
+//!   the queue holds what waits. A 404 is a tombstone; a 403 (a permission the key lacks) drops the row with a
+//!   warning; other failures back off exponentially.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use serde::Deserialize;
+use serde_json::json;
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+use crate::api::ApiError;
+use crate::backfill::Backfill;
+use crate::registry::{ObjectSpec, Registry};
+use crate::snapshot::Snapshot;
+
+/// `applier.hydrate`: which objects are read again from the API (when a key is set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Rows a bare same-second tie decided, objects whose event came at another API version, cut-short lists.
+    #[default]
+    Ambiguous,
+    /// Every object an event touched (rows always at the pinned API version), plus the above.
+    Always,
+    /// None.
+    Never,
+}
+
+/// Why an object is queued (`stripe.hydrate_queue.reason`).
+pub mod reason {
+    /// A bare same-second tie decided the row.
+    pub const TIE: &str = "tie";
+    /// The event came at another API version than the pinned one.
+    pub const VERSION: &str = "version";
+    /// An embedded list Stripe cut short.
+    pub const LIST: &str = "list";
+    /// `applier.hydrate = always`.
+    pub const ALWAYS: &str = "always";
+}
+
+/// What the apply transaction needs to queue objects.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Which objects.
+    pub mode: Mode,
+    /// The pinned API version.
+    pub api_version: String,
+    /// The key's mode: only objects of this mode can be read.
+    pub live: bool,
+    /// Delay between the newest ask and the read.
+    pub settle: Duration,
+}
+
+impl Policy {
+    /// True when objects of `spec` in mode `livemode` can be read by id with this key.
+    #[must_use]
+    pub fn readable(&self, spec: &ObjectSpec, livemode: bool) -> bool {
+        self.mode != Mode::Never && livemode == self.live && spec.list.is_some()
+    }
+}
+
+/// One object to queue.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Ask {
+    /// `_account_id`.
+    pub account: String,
+    /// The object's mode.
+    pub livemode: bool,
+    /// Its table.
+    pub table: String,
+    /// Its id.
+    pub id: String,
+    /// One of [`reason`].
+    pub reason: &'static str,
+}
+
+/// Queues `asks` (in the apply transaction): a new object is read a settle delay from now; one already queued is
+/// read a settle delay after this ask at the earliest, and again if a reader holds it.
+pub async fn queue(
+    conn: &mut sqlx::PgConnection,
+    asks: &[Ask],
+    settle: Duration,
+) -> Result<(), sqlx::Error> {
+    if asks.is_empty() {
+        return Ok(());
+    }
+    let column = |f: fn(&Ask) -> String| asks.iter().map(f).collect::<Vec<String>>();
+    sqlx::query(
+        "insert into stripe.hydrate_queue as q (_account_id, livemode, table_name, id, reason, not_before) \
+         select a, l, t, i, r, now() + $6 * interval '1 millisecond' \
+         from unnest($1::text[], $2::bool[], $3::text[], $4::text[], $5::text[]) as x(a, l, t, i, r) \
+         on conflict (_account_id, livemode, table_name, id) do update \
+           set dirty = true, reason = excluded.reason, not_before = greatest(q.not_before, excluded.not_before)",
+    )
+    .bind(column(|a| a.account.clone()))
+    .bind(asks.iter().map(|a| a.livemode).collect::<Vec<bool>>())
+    .bind(column(|a| a.table.clone()))
+    .bind(column(|a| a.id.clone()))
+    .bind(column(|a| a.reason.to_owned()))
+    .bind(i64::try_from(settle.as_millis()).unwrap_or(i64::MAX))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A claimed row.
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct Claimed {
+    _account_id: String,
+    livemode: bool,
+    table_name: String,
+    id: String,
+    attempts: i32,
+}
+
+/// How one read ended.
+#[derive(Debug)]
+enum Read {
+    /// Published (the object, or its tombstone).
+    Published,
+    /// Can't be read with this key (403, 400...): dropped.
+    Dropped(String),
+    /// Try again later.
+    Failed(String),
+}
+
+/// The reader: claims due objects, reads them, publishes them.
+#[derive(Debug, Clone)]
+pub struct Hydrator {
+    /// The API client, stream and pool (the backfill's, for its list completion).
+    pub backfill: Backfill,
+    /// The `_account_id` of the platform's own objects.
+    pub platform_account: String,
+    /// The key's mode.
+    pub live: bool,
+    /// Settle delay (also the delay before a `dirty` row is read again).
+    pub settle: Duration,
+    /// Rows claimed at once.
+    pub batch: usize,
+    /// How long a claim holds a row.
+    pub lease: Duration,
+}
+
+/// How often the reader looks for due rows when there were none, and sweeps cut-short lists.
+const IDLE: Duration = Duration::from_millis(500);
+
+impl Hydrator {
+    fn registry(&self) -> &'static Registry {
+        self.backfill.registry
+    }
+
+    fn pool(&self) -> &PgPool {
+        &self.backfill.pool
+    }
+
+    /// Reads until `stop` turns true.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        tracing::info!(live = self.live, "hydration on");
+        let mut last_sweep = None::<std::time::Instant>;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            if last_sweep.is_none_or(|t| t.elapsed() >= self.settle.max(IDLE)) {
+                if let Err(err) = self.sweep_lists().await {
+                    tracing::warn!(error = %err, "queueing cut-short lists failed");
+                }
+                last_sweep = Some(std::time::Instant::now());
+            }
+            let wait = match self.run_once().await {
+                Ok(0) => IDLE,
+                Ok(_) => Duration::ZERO,
+                Err(err) => {
+                    tracing::warn!(error = %format!("{err:#}"), "hydration failed; retrying");
+                    Duration::from_secs(5)
+                }
+            };
+            if !wait.is_zero() {
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        }
+    }
+
+    /// Queues the parents of cut-short lists not read recently.
+    pub async fn sweep_lists(&self) -> Result<u64, sqlx::Error> {
+        let mut tx = self.pool().begin().await?;
+        let queued = sqlx::query(
+            "insert into stripe.hydrate_queue (_account_id, livemode, table_name, id, reason, not_before) \
+             select l._account_id, l.livemode, l.parent_table, l.parent_id, $2, now() from stripe.incomplete_lists l \
+             where l.livemode = $1 and (l.hydrated_at is null or l.hydrated_at < now() - interval '10 minutes') \
+               and l._updated_at < now() - $3 * interval '1 millisecond' \
+             on conflict do nothing",
+        )
+        .bind(self.live)
+        .bind(reason::LIST)
+        .bind(i64::try_from(self.settle.as_millis()).unwrap_or(i64::MAX))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query(
+            "update stripe.incomplete_lists l set hydrated_at = now() from stripe.hydrate_queue q \
+             where q.reason = $1 and q._account_id = l._account_id and q.livemode = l.livemode \
+               and q.table_name = l.parent_table and q.id = l.parent_id and l.hydrated_at is distinct from now()",
+        )
+        .bind(reason::LIST)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(queued)
+    }
+
+    /// Claims the due rows (up to `batch`), reads and publishes each; the number claimed.
+    pub async fn run_once(&self) -> anyhow::Result<usize> {
+        let claimed: Vec<Claimed> = sqlx::query_as(
+            "update stripe.hydrate_queue q set not_before = now() + $2 * interval '1 millisecond', \
+               attempts = q.attempts + 1, dirty = false \
+             from (select _account_id, livemode, table_name, id from stripe.hydrate_queue \
+                   where not_before <= now() and livemode = $3 order by not_before limit $1 for update skip locked) d \
+             where (q._account_id, q.livemode, q.table_name, q.id) = (d._account_id, d.livemode, d.table_name, d.id) \
+             returning q._account_id, q.livemode, q.table_name, q.id, q.attempts",
+        )
+        .bind(i64::try_from(self.batch).unwrap_or(i64::MAX))
+        .bind(i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX))
+        .bind(self.live)
+        .fetch_all(self.pool())
+        .await?;
+        let n = claimed.len();
+        let reads = claimed.into_iter().map(|row| async move {
+            let read = self.read(&row).await;
+            (row, read)
+        });
+        let mut reads = futures::stream::iter(reads).buffer_unordered(16);
+        while let Some((row, read)) = reads.next().await {
+            if let Read::Failed(err) = &read
+                && err.starts_with("unauthorized")
+            {
+                anyhow::bail!("{err}");
+            }
+            self.finish(&row, &read).await?;
+        }
+        Ok(n)
+    }
+
+    /// Reads one object and publishes it (a 404: its tombstone).
+    async fn read(&self, row: &Claimed) -> Read {
+        let Some(spec) = self
+            .registry()
+            .objects()
+            .iter()
+            .find(|s| s.table == row.table_name)
+        else {
+            return Read::Dropped(format!("no table {}", row.table_name));
+        };
+        let Some(list) = &spec.list else {
+            return Read::Dropped(format!("{} can't be read by id", spec.object_type));
+        };
+        let account =
+            (row._account_id != self.platform_account).then_some(row._account_id.as_str());
+        let base = list.path.replace("{account}", &row._account_id);
+        let endpoint = format!("{}/{{id}}", list.path);
+        let path = format!("{base}/{}", row.id);
+        let header = if list.path.contains("{account}") {
+            None
+        } else {
+            account
+        };
+        let read_at = time::OffsetDateTime::now_utc().unix_timestamp();
+        let object = match self.backfill.api.get(&endpoint, &path, &[], header).await {
+            Ok(mut object) if object["id"].as_str() == Some(row.id.as_str()) => {
+                if let Err(err) = self
+                    .backfill
+                    .complete_lists(spec, &mut object, header)
+                    .await
+                {
+                    return Read::Failed(err.to_string());
+                }
+                object
+            }
+            Ok(other) => {
+                return Read::Failed(format!(
+                    "Stripe answered {path} with another object: {}",
+                    other["id"]
+                ));
+            }
+            Err(err) if err.is_not_found() => json!({
+                "id": row.id,
+                "object": spec.object_type,
+                "livemode": row.livemode,
+                "deleted": true,
+            }),
+            Err(ApiError::Unauthorized { .. }) => {
+                return Read::Failed(
+                    "unauthorized: Stripe refused the API key; hydration stops".into(),
+                );
+            }
+            Err(err @ ApiError::Refused { .. }) => return Read::Dropped(err.to_string()),
+            Err(err) => return Read::Failed(err.to_string()),
+        };
+        let snapshot = Snapshot {
+            account,
+            read_at,
+            object: &object,
+        };
+        match self.backfill.publisher.publish_all(&[snapshot]).await {
+            Ok(()) => Read::Published,
+            Err(err) => Read::Failed(format!("publishing to the stream: {err:#}")),
+        }
+    }
+
+    /// Removes a row read (or read again later, if asked for meanwhile), or backs it off.
+    async fn finish(&self, row: &Claimed, read: &Read) -> Result<(), sqlx::Error> {
+        let key = "_account_id = $1 and livemode = $2 and table_name = $3 and id = $4";
+        match read {
+            Read::Published | Read::Dropped(_) => {
+                if let Read::Dropped(why) = read {
+                    tracing::warn!(table = %row.table_name, id = %row.id, %why, "can't read this object from the API; not hydrated");
+                }
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "with gone as (delete from stripe.hydrate_queue where {key} and not dirty returning 1) \
+                     update stripe.hydrate_queue set not_before = now() + $5 * interval '1 millisecond', attempts = 0 \
+                     where {key} and dirty"
+                )))
+                .bind(&row._account_id)
+                .bind(row.livemode)
+                .bind(&row.table_name)
+                .bind(&row.id)
+                .bind(i64::try_from(self.settle.as_millis()).unwrap_or(i64::MAX))
+                .execute(self.pool())
+                .await?;
+            }
+            Read::Failed(why) => {
+                let backoff = backoff(row.attempts);
+                tracing::warn!(table = %row.table_name, id = %row.id, %why, attempts = row.attempts, retry_in = ?backoff, "hydration read failed");
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "update stripe.hydrate_queue set not_before = now() + $5 * interval '1 millisecond', \
+                       last_error = $6 where {key}"
+                )))
+                .bind(&row._account_id)
+                .bind(row.livemode)
+                .bind(&row.table_name)
+                .bind(&row.id)
+                .bind(i64::try_from(backoff.as_millis()).unwrap_or(i64::MAX))
+                .bind(why)
+                .execute(self.pool())
+                .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The wait after the `attempts`th failed read: 5 s doubling, at most an hour.
+fn backoff(attempts: i32) -> Duration {
+    Duration::from_secs(5)
+        .saturating_mul(1 << attempts.clamp(1, 12).saturating_sub(1))
+        .min(Duration::from_secs(3600))
+}
+
+/// Shared by the applier's apply path: the policy, when hydration is on.
+pub type Shared = Option<Arc<Policy>>;
+
+/// The objects a batch's new events ask to have read, beside the rows ties decided (`ties`, keyed by table):
+/// events at another API version than the pinned one, and with `always` every event's object. Snapshots never ask.
+#[must_use]
+pub fn asks_of_events<'a>(
+    policy: &Policy,
+    registry: &Registry,
+    events: impl Iterator<Item = (&'a crate::event::Incoming, &'a str)>,
+) -> Vec<Ask> {
+    let mut out = Vec::new();
+    for (event, account) in events {
+        if event.kind() == crate::version::Kind::Snapshot {
+            continue;
+        }
+        let reason = if policy.mode == Mode::Always {
+            reason::ALWAYS
+        } else if event
+            .api_version
+            .as_deref()
+            .is_some_and(|v| v != policy.api_version)
+        {
+            reason::VERSION
+        } else {
+            continue;
+        };
+        let (Some(kind), Some(id)) = (&event.object_type, &event.object_id) else {
+            continue;
+        };
+        let Some(spec) = registry.get(kind) else {
+            continue;
+        };
+        if !policy.readable(spec, event.livemode()) {
+            continue;
+        }
+        out.push(Ask {
+            account: account.to_owned(),
+            livemode: event.livemode(),
+            table: spec.table.clone(),
+            id: id.clone(),
+            reason,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_reads_back_off_from_5_seconds_to_an_hour() {
+        assert_eq!(backoff(1), Duration::from_secs(5));
+        assert_eq!(backoff(2), Duration::from_secs(10));
+        assert_eq!(backoff(30), Duration::from_secs(3600));
+        assert_eq!(backoff(0), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn events_ask_for_reads_by_mode_version_and_key_mode() {
+        let registry = Registry::shipped();
+        let policy = Policy {
+            mode: Mode::Ambiguous,
+            api_version: "2026-07-29.dahlia".into(),
+            live: true,
+            settle: Duration::from_secs(2),
+        };
+        let event = |id: &str, version: &str, live: bool, kind: &str| {
+            let body = json!({
+                "id": id, "object": "event", "type": format!("{kind}.updated"), "created": 1,
+                "livemode": live, "api_version": version,
+                "data": { "object": { "id": format!("{kind}_1"), "object": kind, "livemode": live } },
+            });
+            crate::event::Incoming::parse(1, &serde_json::to_vec(&body).unwrap()).unwrap()
+        };
+        let events = [
+            event("evt_same", "2026-07-29.dahlia", true, "customer"),
+            event("evt_old", "2020-03-02", true, "customer"),
+            event("evt_old_test", "2020-03-02", false, "customer"),
+            event("evt_old_unknown", "2020-03-02", true, "no_such_thing"),
+        ];
+        let asks = asks_of_events(&policy, registry, events.iter().map(|e| (e, "platform")));
+        assert_eq!(
+            asks,
+            vec![Ask {
+                account: "platform".into(),
+                livemode: true,
+                table: "customers".into(),
+                id: "customer_1".into(),
+                reason: reason::VERSION,
+            }],
+            "only the live event at another version: a live key can't read test objects"
+        );
+        let always = Policy {
+            mode: Mode::Always,
+            ..policy.clone()
+        };
+        assert_eq!(
+            asks_of_events(&always, registry, events.iter().map(|e| (e, "platform"))).len(),
+            2
+        );
+        let never = Policy {
+            mode: Mode::Never,
+            ..policy
+        };
+        assert!(
+            asks_of_events(&never, registry, events.iter().map(|e| (e, "platform"))).is_empty()
+        );
+    }
+}
