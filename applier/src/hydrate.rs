@@ -98,10 +98,17 @@ pub async fn queue(
     asks: &[Ask],
     settle: Duration,
 ) -> Result<(), sqlx::Error> {
+    // One row per object in the statement (Postgres refuses to update a row twice in one insert): a batch can
+    // ask for an object several times (several ties, an old-version event and a tie).
+    let mut seen = std::collections::HashSet::new();
+    let asks: Vec<&Ask> = asks
+        .iter()
+        .filter(|a| seen.insert((&a.account, a.livemode, &a.table, &a.id)))
+        .collect();
     if asks.is_empty() {
         return Ok(());
     }
-    let column = |f: fn(&Ask) -> String| asks.iter().map(f).collect::<Vec<String>>();
+    let column = |f: fn(&Ask) -> String| asks.iter().map(|a| f(a)).collect::<Vec<String>>();
     sqlx::query(
         "insert into stripe.hydrate_queue as q (_account_id, livemode, table_name, id, reason, not_before) \
          select a, l, t, i, r, now() + $6 * interval '1 millisecond' \

@@ -219,6 +219,43 @@ async fn hydration_under_a_429_storm_catches_up_without_loss() {
     applier.stop().await;
 }
 
+/// One batch holding several asks for one object (ties in several rounds, an old-version event too) applies, and
+/// queues the object once.
+#[tokio::test]
+async fn a_batch_asking_several_times_for_one_object_applies_and_queues_it_once() {
+    let direct = Direct::new().await.hydrating(Policy {
+        mode: Mode::Ambiguous,
+        api_version: "2026-07-29.dahlia".into(),
+        live: false,
+        settle: std::time::Duration::from_secs(2),
+    });
+    let events: Vec<Value> = (0..4)
+        .map(|i| {
+            let mut e = customer_event(
+                &format!("evt_many_{i}"),
+                "customer.updated",
+                1_800_000_000,
+                "cus_many",
+                &format!("m{i}@example.com"),
+            );
+            e["livemode"] = json!(false);
+            e["data"]["object"]["livemode"] = json!(false);
+            if i == 3 {
+                e["api_version"] = json!("2020-03-02");
+            }
+            e
+        })
+        .collect();
+    let report = direct.apply(&events).await;
+    assert!(report.ambiguous > 0, "{report:?}");
+    assert_eq!(
+        direct
+            .scalar::<i64>("select count(*) from stripe.hydrate_queue where id = 'cus_many'")
+            .await,
+        1
+    );
+}
+
 /// Whatever order one object's same-second events and same-second reads arrive in, the row ends equal to the API's
 /// final state: either at once (the ordering rule settled it), or after hydration (a bare tie queued a read). Never
 /// a stale row that nothing will read again. Random cases (seeded): 2-5 states in one second, with or without
