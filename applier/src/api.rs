@@ -123,6 +123,8 @@ pub struct StripeClient {
     version: String,
     global: DefaultDirectRateLimiter,
     endpoints: DefaultKeyedRateLimiter<String>,
+    /// The limiters' clock, to turn a refusal into a wait.
+    clock: governor::clock::DefaultClock,
     max_attempts: u32,
     backoff_initial: Duration,
     backoff_max: Duration,
@@ -167,6 +169,7 @@ impl StripeClient {
             key,
             version: settings.api_version.clone(),
             global: RateLimiter::direct(per_second(rate.get())),
+            clock: governor::clock::DefaultClock::default(),
             endpoints: RateLimiter::keyed(per_second(settings.endpoint_requests_per_second.get())),
             max_attempts: settings.max_attempts.get(),
             backoff_initial: Duration::from_millis(500),
@@ -190,10 +193,7 @@ impl StripeClient {
     ) -> Result<Value, ApiError> {
         let mut last = String::new();
         for attempt in 1..=self.max_attempts {
-            // The endpoint's slot first: while the account's budget is the one that binds (many types at once),
-            // a request waiting for it holds an endpoint slot nobody else needed, never an account slot.
-            self.endpoints.until_key_ready(&endpoint.to_owned()).await;
-            self.global.until_ready().await;
+            self.ready(endpoint).await;
             let mut request = self
                 .http
                 .get(format!("{}{path}", self.base))
@@ -244,6 +244,24 @@ impl StripeClient {
                 .and_then(|a| a["id"].as_str().map(str::to_owned));
             if page["has_more"] != Value::Bool(true) || cursor.is_none() {
                 return Ok(out);
+            }
+        }
+    }
+
+    /// Waits until a request to `endpoint` fits both budgets, and takes a slot of each at the same moment: a
+    /// request never holds one slot while it waits for the other (it would go out later than its slot, bunched
+    /// with others, and the server would count more than the budget in some second). While the account's budget
+    /// binds, the endpoint slots taken and given up are ones nobody else needed.
+    async fn ready(&self, endpoint: &str) {
+        let key = endpoint.to_owned();
+        loop {
+            self.endpoints.until_key_ready(&key).await;
+            match self.global.check() {
+                Ok(()) => return,
+                Err(not_until) => {
+                    let now = governor::clock::Clock::now(&self.clock);
+                    tokio::time::sleep(not_until.wait_time_from(now)).await;
+                }
             }
         }
     }

@@ -135,6 +135,8 @@ struct Claimed {
     table_name: String,
     id: String,
     attempts: i32,
+    /// The lease this claim set: a finish only touches the row while it still holds it.
+    not_before: time::OffsetDateTime,
 }
 
 /// How one read ended.
@@ -142,6 +144,8 @@ struct Claimed {
 enum Read {
     /// Published (the object, or its tombstone).
     Published,
+    /// Stripe refused the key: nothing else will be read either.
+    Unauthorized(String),
     /// Can't be read with this key (403, 400...): dropped.
     Dropped(String),
     /// Try again later.
@@ -159,7 +163,7 @@ pub struct Hydrator {
     pub live: bool,
     /// Settle delay (also the delay before a `dirty` row is read again).
     pub settle: Duration,
-    /// Rows claimed at once.
+    /// Rows claimed, and read, at once (a claim never waits behind other reads of its own batch).
     pub batch: usize,
     /// How long a claim holds a row.
     pub lease: Duration,
@@ -181,6 +185,7 @@ impl Hydrator {
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         tracing::info!(live = self.live, "hydration on");
         let mut last_sweep = None::<std::time::Instant>;
+        let mut failures = 0;
         loop {
             if *stop.borrow() {
                 return;
@@ -192,11 +197,15 @@ impl Hydrator {
                 last_sweep = Some(std::time::Instant::now());
             }
             let wait = match self.run_once().await {
-                Ok(0) => IDLE,
-                Ok(_) => Duration::ZERO,
+                Ok(n) => {
+                    failures = 0;
+                    if n == 0 { IDLE } else { Duration::ZERO }
+                }
                 Err(err) => {
-                    tracing::warn!(error = %format!("{err:#}"), "hydration failed; retrying");
-                    Duration::from_secs(5)
+                    failures += 1;
+                    let wait = backoff(failures).min(Duration::from_secs(600));
+                    tracing::warn!(error = %format!("{err:#}"), retry_in = ?wait, "hydration failed; retrying");
+                    wait
                 }
             };
             if !wait.is_zero() {
@@ -208,13 +217,14 @@ impl Hydrator {
         }
     }
 
-    /// Queues the parents of cut-short lists not read recently.
+    /// Queues the parents of cut-short lists not read since the list was last cut short (a new event cutting it
+    /// short again clears `hydrated_at`); a list without a `url` can't be completed and is left alone.
     pub async fn sweep_lists(&self) -> Result<u64, sqlx::Error> {
         let mut tx = self.pool().begin().await?;
         let queued = sqlx::query(
             "insert into stripe.hydrate_queue (_account_id, livemode, table_name, id, reason, not_before) \
              select l._account_id, l.livemode, l.parent_table, l.parent_id, $2, now() from stripe.incomplete_lists l \
-             where l.livemode = $1 and (l.hydrated_at is null or l.hydrated_at < now() - interval '10 minutes') \
+             where l.livemode = $1 and l.hydrated_at is null and l.url is not null \
                and l._updated_at < now() - $3 * interval '1 millisecond' \
              on conflict do nothing",
         )
@@ -244,7 +254,7 @@ impl Hydrator {
              from (select _account_id, livemode, table_name, id from stripe.hydrate_queue \
                    where not_before <= now() and livemode = $3 order by not_before limit $1 for update skip locked) d \
              where (q._account_id, q.livemode, q.table_name, q.id) = (d._account_id, d.livemode, d.table_name, d.id) \
-             returning q._account_id, q.livemode, q.table_name, q.id, q.attempts",
+             returning q._account_id, q.livemode, q.table_name, q.id, q.attempts, q.not_before",
         )
         .bind(i64::try_from(self.batch).unwrap_or(i64::MAX))
         .bind(i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX))
@@ -256,16 +266,18 @@ impl Hydrator {
             let read = self.read(&row).await;
             (row, read)
         });
-        let mut reads = futures::stream::iter(reads).buffer_unordered(16);
+        let mut reads = futures::stream::iter(reads).buffer_unordered(self.batch);
+        let mut refused = None;
         while let Some((row, read)) = reads.next().await {
-            if let Read::Failed(err) = &read
-                && err.starts_with("unauthorized")
-            {
-                anyhow::bail!("{err}");
+            if let Read::Unauthorized(err) = &read {
+                refused.get_or_insert(err.clone());
             }
             self.finish(&row, &read).await?;
         }
-        Ok(n)
+        match refused {
+            Some(err) => anyhow::bail!("{err}"),
+            None => Ok(n),
+        }
     }
 
     /// Reads one object and publishes it (a 404: its tombstone).
@@ -283,10 +295,19 @@ impl Hydrator {
         };
         let account =
             (row._account_id != self.platform_account).then_some(row._account_id.as_str());
+        let per_account = list.path.contains("{account}");
+        if per_account && account.is_none() {
+            return Read::Dropped(format!(
+                "{} is read per connected account, and this row is the platform's",
+                spec.object_type
+            ));
+        }
         let base = list.path.replace("{account}", &row._account_id);
         let endpoint = format!("{}/{{id}}", list.path);
         let path = format!("{base}/{}", row.id);
-        let header = if list.path.contains("{account}") {
+        // Read from the platform's side, as the backfill lists them: objects under `/v1/accounts/{account}/`, and
+        // objects that name their account in a field (connected accounts themselves).
+        let header = if per_account || list.account_field.is_some() {
             None
         } else {
             account
@@ -294,14 +315,17 @@ impl Hydrator {
         let read_at = time::OffsetDateTime::now_utc().unix_timestamp();
         let object = match self.backfill.api.get(&endpoint, &path, &[], header).await {
             Ok(mut object) if object["id"].as_str() == Some(row.id.as_str()) => {
-                if let Err(err) = self
+                match self
                     .backfill
                     .complete_lists(spec, &mut object, header)
                     .await
                 {
-                    return Read::Failed(err.to_string());
+                    Ok(()) => object,
+                    Err(err @ ApiError::Unauthorized { .. }) => {
+                        return Read::Unauthorized(err.to_string());
+                    }
+                    Err(err) => return Read::Failed(err.to_string()),
                 }
-                object
             }
             Ok(other) => {
                 return Read::Failed(format!(
@@ -315,11 +339,7 @@ impl Hydrator {
                 "livemode": row.livemode,
                 "deleted": true,
             }),
-            Err(ApiError::Unauthorized { .. }) => {
-                return Read::Failed(
-                    "unauthorized: Stripe refused the API key; hydration stops".into(),
-                );
-            }
+            Err(err @ ApiError::Unauthorized { .. }) => return Read::Unauthorized(err.to_string()),
             Err(err @ ApiError::Refused { .. }) => return Read::Dropped(err.to_string()),
             Err(err) => return Read::Failed(err.to_string()),
         };
@@ -334,44 +354,48 @@ impl Hydrator {
         }
     }
 
-    /// Removes a row read (or read again later, if asked for meanwhile), or backs it off.
+    /// Removes a row read (or read again later, if asked for meanwhile), or backs it off; only while this claim's
+    /// lease still holds the row (a lease that ran out belongs to the next reader).
     async fn finish(&self, row: &Claimed, read: &Read) -> Result<(), sqlx::Error> {
-        let key = "_account_id = $1 and livemode = $2 and table_name = $3 and id = $4";
-        match read {
+        let key = "_account_id = $1 and livemode = $2 and table_name = $3 and id = $4 and not_before = $5";
+        let (sql, wait, error) = match read {
             Read::Published | Read::Dropped(_) => {
                 if let Read::Dropped(why) = read {
                     tracing::warn!(table = %row.table_name, id = %row.id, %why, "can't read this object from the API; not hydrated");
                 }
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "with gone as (delete from stripe.hydrate_queue where {key} and not dirty returning 1) \
-                     update stripe.hydrate_queue set not_before = now() + $5 * interval '1 millisecond', attempts = 0 \
-                     where {key} and dirty"
-                )))
-                .bind(&row._account_id)
-                .bind(row.livemode)
-                .bind(&row.table_name)
-                .bind(&row.id)
-                .bind(i64::try_from(self.settle.as_millis()).unwrap_or(i64::MAX))
-                .execute(self.pool())
-                .await?;
+                (
+                    format!(
+                        "with gone as (delete from stripe.hydrate_queue where {key} and not dirty returning 1) \
+                         update stripe.hydrate_queue set not_before = now() + $6 * interval '1 millisecond', \
+                           attempts = 0 where {key} and dirty and $7::text is null"
+                    ),
+                    self.settle,
+                    None,
+                )
             }
-            Read::Failed(why) => {
-                let backoff = backoff(row.attempts);
-                tracing::warn!(table = %row.table_name, id = %row.id, %why, attempts = row.attempts, retry_in = ?backoff, "hydration read failed");
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "update stripe.hydrate_queue set not_before = now() + $5 * interval '1 millisecond', \
-                       last_error = $6 where {key}"
-                )))
-                .bind(&row._account_id)
-                .bind(row.livemode)
-                .bind(&row.table_name)
-                .bind(&row.id)
-                .bind(i64::try_from(backoff.as_millis()).unwrap_or(i64::MAX))
-                .bind(why)
-                .execute(self.pool())
-                .await?;
+            Read::Failed(why) | Read::Unauthorized(why) => {
+                let wait = backoff(row.attempts);
+                tracing::warn!(table = %row.table_name, id = %row.id, %why, attempts = row.attempts, retry_in = ?wait, "hydration read failed");
+                (
+                    format!(
+                        "update stripe.hydrate_queue set not_before = now() + $6 * interval '1 millisecond', \
+                           last_error = $7 where {key}"
+                    ),
+                    wait,
+                    Some(why.as_str()),
+                )
             }
-        }
+        };
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&row._account_id)
+            .bind(row.livemode)
+            .bind(&row.table_name)
+            .bind(&row.id)
+            .bind(row.not_before)
+            .bind(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX))
+            .bind(error)
+            .execute(self.pool())
+            .await?;
         Ok(())
     }
 }

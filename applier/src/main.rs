@@ -172,6 +172,9 @@ async fn main() -> anyhow::Result<()> {
                 "{} events read from Stripe, {} not in the stream yet and published (the database skips those it has)",
                 recovered.read, recovered.published
             );
+            for (account, why) in &recovered.skipped {
+                println!("skipped {account}: {why}");
+            }
             Ok(())
         }
         Command::Dlq(DlqCommand::List) => {

@@ -10,7 +10,7 @@ use serde_json::Value;
 use stripe_sync_shared::event_head::RoutingHead;
 use stripe_sync_shared::subjects::{self, Topology};
 
-use crate::api::StripeClient;
+use crate::api::{ApiError, StripeClient};
 
 /// How far back Stripe keeps events.
 pub const EVENTS_KEPT_SECONDS: i64 = 30 * 24 * 3600;
@@ -25,6 +25,8 @@ pub struct Recovered {
     pub read: u64,
     /// Of those, stored in the stream for the first time (the stream's duplicate window knew the others).
     pub published: u64,
+    /// Connected accounts whose events could not be read, with Stripe's answer.
+    pub skipped: Vec<(String, String)>,
 }
 
 /// Reads every event created in `[since, now - 5 s)` (only those whose webhook failed, with `undelivered_only`) of
@@ -50,44 +52,84 @@ pub async fn recover(
     }
     let mut out = Recovered::default();
     for account in &accounts {
-        let mut cursor: Option<String> = None;
-        loop {
-            let mut query = vec![
-                ("limit".to_owned(), "100".to_owned()),
-                ("created[gte]".to_owned(), since.to_string()),
-                ("created[lt]".to_owned(), (now - SETTLE_SECONDS).to_string()),
-            ];
-            if undelivered_only {
-                query.push(("delivery_success".into(), "false".into()));
+        match read_account(
+            api,
+            js,
+            topology,
+            since,
+            now,
+            undelivered_only,
+            account.as_deref(),
+        )
+        .await
+        {
+            Ok((read, published)) => {
+                out.read += read;
+                out.published += published;
             }
-            if let Some(after) = &cursor {
-                query.push(("starting_after".into(), after.clone()));
+            // A connected account that revoked access, or whose events this key can't read, doesn't stop the rest.
+            Err(err)
+                if account.is_some()
+                    && matches!(
+                        err.downcast_ref::<ApiError>(),
+                        Some(ApiError::Refused { .. })
+                    ) =>
+            {
+                tracing::warn!(account = account.as_deref().unwrap_or_default(), error = %err, "skipping a connected account's events");
+                out.skipped
+                    .push((account.clone().unwrap_or_default(), err.to_string()));
             }
-            let page = api
-                .get("/v1/events", "/v1/events", &query, account.as_deref())
-                .await?;
-            let Some(events) = page["data"].as_array() else {
-                anyhow::bail!("GET /v1/events answered a page without a data array");
-            };
-            let mut acks = Vec::with_capacity(events.len());
-            for event in events {
-                acks.push(publish(js, topology, event, account.as_deref()).await?);
-            }
-            for ack in acks {
-                out.read += 1;
-                if !ack.await?.duplicate {
-                    out.published += 1;
-                }
-            }
-            cursor = events
-                .last()
-                .and_then(|e| e["id"].as_str().map(str::to_owned));
-            if page["has_more"] != Value::Bool(true) || cursor.is_none() {
-                break;
-            }
+            Err(err) => return Err(err),
         }
     }
     Ok(out)
+}
+
+/// Reads and publishes one account's events (`None`: the platform's); `(read, newly published)`.
+async fn read_account(
+    api: &StripeClient,
+    js: &jetstream::Context,
+    topology: &Topology,
+    since: i64,
+    now: i64,
+    undelivered_only: bool,
+    account: Option<&str>,
+) -> anyhow::Result<(u64, u64)> {
+    let (mut read, mut published) = (0, 0);
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut query = vec![
+            ("limit".to_owned(), "100".to_owned()),
+            ("created[gte]".to_owned(), since.to_string()),
+            ("created[lt]".to_owned(), (now - SETTLE_SECONDS).to_string()),
+        ];
+        if undelivered_only {
+            query.push(("delivery_success".into(), "false".into()));
+        }
+        if let Some(after) = &cursor {
+            query.push(("starting_after".into(), after.clone()));
+        }
+        let page = api.get("/v1/events", "/v1/events", &query, account).await?;
+        let Some(events) = page["data"].as_array() else {
+            anyhow::bail!("GET /v1/events answered a page without a data array");
+        };
+        let mut acks = Vec::with_capacity(events.len());
+        for event in events {
+            acks.push(publish(js, topology, event, account).await?);
+        }
+        for ack in acks {
+            read += 1;
+            if !ack.await?.duplicate {
+                published += 1;
+            }
+        }
+        cursor = events
+            .last()
+            .and_then(|e| e["id"].as_str().map(str::to_owned));
+        if page["has_more"] != Value::Bool(true) || cursor.is_none() {
+            return Ok((read, published));
+        }
+    }
 }
 
 /// Publishes one event as ingest would have: its id as the message id, on its partition's subject. A connected

@@ -167,7 +167,7 @@ impl Application {
                     platform_account: settings.applier.account_id.clone(),
                     live,
                     settle: settings.applier.hydrate_settle,
-                    batch: 100,
+                    batch: 16,
                     lease: std::time::Duration::from_secs(60),
                 })
             }

@@ -46,6 +46,12 @@ pub(super) async fn find_or_create_run(
     objects: &[String],
     options: &Options,
 ) -> anyhow::Result<i64> {
+    // One finder at a time: two backfills of the same objects started together find the same run (and the second
+    // then finds it locked), rather than each creating its own.
+    let mut tx = pool.begin().await?;
+    sqlx::query("select pg_advisory_xact_lock('stripe.backfill_runs'::regclass::oid::int, 0)")
+        .execute(&mut *tx)
+        .await?;
     if !options.restart {
         let found: Option<i64> = sqlx::query_scalar(
             "select id from stripe.backfill_runs where finished_at is null and objects = $1 and since = $2 \
@@ -54,21 +60,24 @@ pub(super) async fn find_or_create_run(
         .bind(objects)
         .bind(options.since)
         .bind(options.connected_accounts)
-        .fetch_optional(pool)
+        .fetch_optional(&mut *tx)
         .await?;
         if let Some(run) = found {
             tracing::info!(run, "resuming an unfinished backfill");
+            tx.commit().await?;
             return Ok(run);
         }
     }
-    Ok(sqlx::query_scalar(
+    let run = sqlx::query_scalar(
         "insert into stripe.backfill_runs (objects, since, connected_accounts) values ($1, $2, $3) returning id",
     )
     .bind(objects)
     .bind(options.since)
     .bind(options.connected_accounts)
-    .fetch_one(pool)
-    .await?)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(run)
 }
 
 /// Marks a run finished: the next backfill starts afresh.
