@@ -200,7 +200,6 @@ impl Applier {
                 let written = store::upsert_rows(&mut tx, statements, table.index, round).await?;
                 report.rows_written += written.len();
                 report.rows_stale += round.len() - written.len();
-                report.ambiguous += written.iter().filter(|w| w.ambiguous).count();
                 let mut ties: Vec<(String, bool, String)> = written
                     .iter()
                     .filter(|w| w.ambiguous)
@@ -220,23 +219,13 @@ impl Applier {
                         .filter(|(_, won)| !**won)
                         .map(|(r, _)| r.clone())
                         .collect();
-                    let flagged =
-                        store::flag_tie_losers(&mut tx, statements, table.index, &losers).await?;
-                    report.ambiguous += flagged.len();
-                    ties.extend(flagged);
-                }
-                if let Some(policy) = &self.hydration {
-                    asks.extend(
-                        ties.into_iter()
-                            .filter(|(_, livemode, _)| policy.readable(table.spec, *livemode))
-                            .map(|(account, livemode, id)| crate::hydrate::Ask {
-                                account,
-                                livemode,
-                                table: table.spec.table.clone(),
-                                id,
-                                reason: crate::hydrate::reason::TIE,
-                            }),
+                    ties.extend(
+                        store::flag_tie_losers(&mut tx, statements, table.index, &losers).await?,
                     );
+                }
+                report.ambiguous += ties.len();
+                if let Some(policy) = &self.hydration {
+                    asks.extend(policy.asks_of_ties(table.spec, ties));
                 }
                 store::keep_lists(&mut tx, statements, table.index, round, &won).await?;
             }

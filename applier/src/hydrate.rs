@@ -69,6 +69,23 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The asks for rows of `spec` a bare tie decided (`(_account_id, livemode, id)`), those the key can read.
+    pub fn asks_of_ties(
+        &self,
+        spec: &ObjectSpec,
+        ties: Vec<(String, bool, String)>,
+    ) -> impl Iterator<Item = Ask> {
+        ties.into_iter()
+            .filter(move |(_, livemode, _)| self.readable(spec, *livemode))
+            .map(|(account, livemode, id)| Ask {
+                account,
+                livemode,
+                table: spec.table.clone(),
+                id,
+                reason: reason::TIE,
+            })
+    }
+
     /// True when objects of `spec` in mode `livemode` can be read by id with this key.
     #[must_use]
     pub fn readable(&self, spec: &ObjectSpec, livemode: bool) -> bool {

@@ -63,6 +63,28 @@ pub(crate) fn with(kind: &str, id: &str, created: i64, fields: Value) -> Value {
     object
 }
 
+/// An invoice created at `created` with `n` lines of its own (`il_<invoice>_<i>`), as the fake API stores it: Stripe
+/// embeds the first 10 and says `has_more`, the rest is paged from its `url`.
+pub(crate) fn invoice_with_lines(id: &str, n: usize, created: i64) -> Value {
+    let lines: Vec<Value> = (0..n)
+        .map(|i| {
+            with(
+                "line_item",
+                &format!("il_{id}_{i:03}"),
+                created,
+                json!({ "amount": i }),
+            )
+        })
+        .collect();
+    let url = format!("/v1/invoices/{id}/lines");
+    with(
+        "invoice",
+        id,
+        created,
+        json!({ "lines": { "object": "list", "data": lines, "url": url } }),
+    )
+}
+
 /// `(id, _raw_data)` of a table, by id.
 async fn rows(env: &TestEnv, table: &str) -> Vec<(String, Value)> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -109,17 +131,7 @@ async fn a_backfill_loads_the_account_table_by_table_and_skips_what_it_cannot_li
         );
     }
     // An invoice with 25 lines: Stripe embeds 10 and says `has_more`.
-    let lines: Vec<Value> = (0..25)
-        .map(|i| {
-            with(
-                "line_item",
-                &format!("il_{i:02}"),
-                now - 400,
-                json!({ "amount": i }),
-            )
-        })
-        .collect();
-    fake.put(PLATFORM, &with("invoice", "in_many", now - 400, json!({ "lines": { "object": "list", "data": lines, "url": "/v1/invoices/in_many/lines" } })));
+    fake.put(PLATFORM, &invoice_with_lines("in_many", 25, now - 400));
     fake.put(
         PLATFORM,
         &with("product", "prod_1", now - 300, json!({ "name": "Gold" })),
@@ -564,10 +576,7 @@ async fn sync_reads_given_objects_again_now() {
         ),
     );
     // An invoice with 25 lines: Stripe embeds 10 and says `has_more`.
-    let lines: Vec<Value> = (0..25)
-        .map(|i| with("line_item", &format!("il_s{i:02}"), now - 90, json!({})))
-        .collect();
-    fake.put(PLATFORM, &with("invoice", "in_s", now - 90, json!({ "lines": { "object": "list", "data": lines, "url": "/v1/invoices/in_s/lines" } })));
+    fake.put(PLATFORM, &invoice_with_lines("in_s", 25, now - 90));
     let env = test_env(&fake, &[]).await;
     let applier = env.start_applier().await;
     env.publish(&customer_event(

@@ -6,7 +6,7 @@ use stripe_sync_applier::snapshot::Snapshot;
 use stripe_sync_testkit::fake_stripe::{Behaviour, FakeStripe, PLATFORM};
 use stripe_sync_testkit::stripe;
 
-use crate::api_side::{fake, test_env, with};
+use crate::api_side::{fake, invoice_with_lines, test_env, with};
 use crate::helpers::{Direct, TestEnv, customer_event};
 
 /// Settle quickly: the tests wait for conditions, not for time.
@@ -136,31 +136,15 @@ async fn an_event_at_another_api_version_ends_with_the_pinned_versions_row_and_a
 async fn a_list_of_250_invoice_lines_cut_short_by_its_event_ends_complete() {
     let fake = fake(&[]).await;
     let now = stripe::now();
-    let lines: Vec<Value> = (0..250)
-        .map(|i| {
-            with(
-                "line_item",
-                &format!("il_{i:03}"),
-                now - 400,
-                json!({ "amount": i }),
-            )
-        })
-        .collect();
-    let invoice = with(
-        "invoice",
-        "in_big",
-        now - 400,
-        json!({ "lines": { "object": "list", "data": lines.clone(), "url": "/v1/invoices/in_big/lines" } }),
-    );
+    let invoice = invoice_with_lines("in_big", 250, now - 400);
     fake.put(PLATFORM, &invoice);
     let env = hydrating(&fake).await;
     let applier = env.start_applier().await;
     // The webhook embeds the first 10 lines and says there are more.
     let mut object = invoice.clone();
-    object["lines"] = json!({
-        "object": "list", "data": lines[..10], "has_more": true, "total_count": 250,
-        "url": "/v1/invoices/in_big/lines",
-    });
+    object["lines"]["data"] = json!(invoice["lines"]["data"].as_array().unwrap()[..10]);
+    object["lines"]["has_more"] = json!(true);
+    object["lines"]["total_count"] = json!(250);
     env.publish(&stripe::event(
         "evt_big",
         "invoice.finalized",
