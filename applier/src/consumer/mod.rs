@@ -1,16 +1,17 @@
 //! The NATS side of consuming: one durable pull consumer per partition in a pinned-client priority group (so one
 //! applier at a time works a partition), a pump that keeps pulling and hands messages to the partition's worker,
-//! and the hand-over: stop pulling, hand back what arrived, keep the pin while the worker finishes, then release
-//! the pin only if it is still ours.
+//! and the hand-over: stop asking, let the worker finish, read until the open pull requests have ended and hand
+//! back what they brought, keeping the pin all along, then release the pin only if it is still ours.
 
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::pull::{self, MessagesErrorKind};
+use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PriorityPolicy, PullConsumer};
 use async_nats::jetstream::{self, AckKind, stream::Stream};
 use async_nats::{HeaderMap, Subscriber};
 use bytes::Bytes;
 use futures::{FutureExt as _, StreamExt as _};
+use pulls::{Interrupted, Pulls};
 use stripe_sync_shared::subjects::Topology;
 use stripe_sync_shared::wait::{self, Attempt};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -18,6 +19,8 @@ use tokio::time::Instant;
 
 use crate::settings::ApplierSettings;
 use crate::worker::Delivery;
+
+mod pulls;
 
 /// Messages one pull requests.
 pub const PULL_BATCH: usize = 128;
@@ -135,121 +138,114 @@ pub struct Pump {
 }
 
 impl Pump {
-    /// Pulls the partition's messages into `tx` until `stop` turns true; then hands back (naks) what had already
-    /// arrived, closes `tx` (the worker finishes and hands back the rest), keeps the pin until `release` fires, and
-    /// releases it if it is still ours. Pull errors restart the pull; the consumer is recreated if deleted.
+    /// Pulls the partition's messages into `tx` until `stop` turns true; then closes `tx` (the worker finishes and
+    /// hands back what it holds), reads until its open pull requests have ended and hands back what they brought,
+    /// keeps the pin until that is done and `release` fires, and releases it if it is still ours. Pull errors
+    /// restart the pull; the consumer is recreated if deleted.
     pub async fn run(
         self,
         tx: mpsc::Sender<jetstream::Message>,
         mut stop: watch::Receiver<bool>,
         release: oneshot::Receiver<()>,
     ) {
-        let mut pin: Option<String> = None;
-        self.pull(&tx, &mut stop, &mut pin).await;
+        let pulls = self.pull(&tx, &mut stop).await;
         drop(tx);
-        let Some(pin) = pin else {
-            // Never pinned (nothing was delivered): nothing to hand over.
+        let pin = pulls.as_ref().and_then(|p| p.pin.clone());
+        let done = async {
+            let mut pin = None;
+            if let Some(pulls) = pulls {
+                let drained;
+                (drained, pin) = pulls.drain().await;
+                // Handed back at once, for the partition's next applier.
+                for message in drained {
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                }
+            }
             let _ = release.await;
-            return;
+            pin
         };
-        self.hold_then_release(&pin, release).await;
+        self.hold_then_release(pin, done).await;
     }
 
+    /// Pulls until `stop`; the open pulls then, for [`Pulls::drain`].
     async fn pull(
         &self,
         tx: &mpsc::Sender<jetstream::Message>,
         stop: &mut watch::Receiver<bool>,
-        pin: &mut Option<String>,
-    ) {
+    ) -> Option<Pulls> {
         let (expires, heartbeat) = pull_timing(&self.settings);
+        let batch = PULL_BATCH.min(self.settings.batch_size.get());
+        let name = consumer_name(&self.settings, self.partition);
         while !*stop.borrow() {
             let setup = async {
                 let what = format!("partition {}'s consumer", self.partition);
-                let consumer = wait::until_ready(&what, || {
+                wait::until_ready(&what, || {
                     ensure_consumer(&self.stream, &self.settings, &self.topology, self.partition)
                 })
                 .await?;
-                let messages = consumer
-                    .stream()
-                    .max_messages_per_batch(PULL_BATCH.min(self.settings.batch_size.get()))
-                    .expires(expires)
-                    .heartbeat(heartbeat)
-                    .group(GROUP)
-                    .messages()
-                    .await?;
-                anyhow::Ok(messages)
+                let stream = &self.stream.cached_info().config.name;
+                anyhow::Ok(
+                    Pulls::open(&self.client, stream, &name, batch, expires, heartbeat).await?,
+                )
             };
             let setup = tokio::select! {
-                messages = setup => Some(messages),
+                pulls = setup => Some(pulls),
                 _ = stop.wait_for(|s| *s) => None,
             };
-            let mut messages = match setup {
-                None => return,
-                Some(Ok(messages)) => messages,
+            let mut pulls = match setup {
+                None => return None,
+                Some(Ok(pulls)) => pulls,
                 Some(Err(err)) => {
                     tracing::error!(partition = self.partition, error = %format!("{err:#}"), "cannot pull the partition");
                     if stop_after(stop, Duration::from_secs(1)).await {
-                        return;
+                        return None;
                     }
                     continue;
                 }
             };
             loop {
                 let next = tokio::select! {
-                    next = messages.next() => Some(next),
-                    _ = stop.wait_for(|s| *s) => None,
-                };
-                let Some(next) = next else {
-                    // What already arrived goes back at once, for the partition's next applier.
-                    while let Some(Some(Ok(message))) = messages.next().now_or_never() {
-                        let _ = message.ack_with(AckKind::Nak(None)).await;
-                    }
-                    return;
+                    next = pulls.next() => next,
+                    _ = stop.wait_for(|s| *s) => return Some(pulls),
                 };
                 match next {
-                    Some(Ok(message)) => {
-                        // The server's `Nats-Pin-Id` is the last one: a publisher may have set another.
-                        if let Some(id) = message
-                            .headers
-                            .as_ref()
-                            .and_then(|h| h.get_last("Nats-Pin-Id"))
-                        {
-                            *pin = Some(id.as_str().to_owned());
-                        }
+                    Ok(message) => {
                         if tx.send(message).await.is_err() {
-                            return;
+                            return Some(pulls);
                         }
                     }
-                    Some(Err(err)) => {
+                    Err(err @ Interrupted::ConsumerLost(_)) => {
+                        tracing::warn!(partition = self.partition, error = %err, "consumer lost, recreating it");
+                        break;
+                    }
+                    Err(err) => {
                         tracing::debug!(partition = self.partition, error = %err, "pull interrupted");
-                        if matches!(
-                            err.kind(),
-                            MessagesErrorKind::ConsumerDeleted
-                                | MessagesErrorKind::PushBasedConsumer
-                        ) {
-                            tracing::warn!(partition = self.partition, error = %err, "consumer lost, recreating it");
-                            break;
-                        }
+                        break;
                     }
-                    None => break,
                 }
             }
             if stop_after(stop, Duration::from_millis(200)).await {
-                return;
+                return None;
             }
         }
+        None
     }
 
-    /// Keeps the pin with pull requests that can't deliver anything (`max_bytes` 1) until `release` fires, then
-    /// unpins if the pin is still ours. Our last keep-alive is then younger than the pin timeout, so the server
-    /// cannot have moved the pin between our check and the unpin.
-    async fn hold_then_release(&self, pin: &str, mut release: oneshot::Receiver<()>) {
+    /// Keeps `pin` (if any) with pull requests that can't deliver anything (`max_bytes` 1) until `done` ends, then
+    /// unpins the pin `done` returns if it is still ours. Our last keep-alive is then younger than the pin timeout,
+    /// so the server cannot have moved the pin between our check and the unpin.
+    async fn hold_then_release(
+        &self,
+        pin: Option<String>,
+        done: impl Future<Output = Option<String>>,
+    ) {
         let (expires, _) = pull_timing(&self.settings);
         let name = consumer_name(&self.settings, self.partition);
         let mut held = true;
         let mut replies: Option<(String, Subscriber)> = None;
-        loop {
-            if held {
+        tokio::pin!(done);
+        let last = loop {
+            if held && let Some(pin) = &pin {
                 held = keep_pin(
                     &self.client,
                     &self.stream,
@@ -263,12 +259,12 @@ impl Pump {
             }
             let next = Instant::now() + expires;
             tokio::select! {
-                _ = &mut release => break,
+                last = &mut done => break last,
                 () = tokio::time::sleep_until(next) => {}
             }
-        }
-        if held {
-            release_pin(&self.stream, &name, pin).await;
+        };
+        if held && let Some(pin) = last {
+            release_pin(&self.stream, &name, &pin).await;
         }
     }
 }
