@@ -5,6 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use sqlx::PgPool;
 
@@ -188,12 +189,28 @@ impl Applier {
             ..Report::default()
         };
         let mut asks = match &self.hydration {
-            Some(policy) => crate::hydrate::asks_of_events(
-                policy,
-                self.registry,
-                new.iter().map(|e| (*e, self.account_of(e))),
-            ),
-            None => Vec::new(),
+            Some(policy) => {
+                let named: Vec<(&str, &str)> = new
+                    .iter()
+                    .filter(|e| e.thin)
+                    .filter_map(|e| Some((self.account_of(e), e.snapshot_event.as_deref()?)))
+                    .collect();
+                let recorded = store::recorded_snapshot_events(&mut tx, &named).await?;
+                crate::hydrate::asks_of_events(
+                    policy,
+                    self.registry,
+                    new.iter().map(|e| (*e, self.account_of(e))),
+                    &recorded,
+                )
+            }
+            None => {
+                if new.iter().any(|e| e.thin) && !THIN_WARNED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "thin events are recorded, but their objects can't be read without STRIPE_API_KEY (and applier.hydrate other than never): their rows are not written"
+                    );
+                }
+                Vec::new()
+            }
         };
         for table in &plan.tables {
             for round in &table.rounds {
@@ -237,3 +254,6 @@ impl Applier {
         Ok(report)
     }
 }
+
+/// Warned once per process: thin events without a key to read their objects.
+static THIN_WARNED: AtomicBool = AtomicBool::new(false);

@@ -177,6 +177,24 @@ pub async fn sync(
         .await
 }
 
+/// Compares the tables `objects` names (empty: every listable one) with Stripe's API and fixes what differs.
+pub async fn reconcile(
+    settings: &Settings,
+    objects: &[String],
+) -> anyhow::Result<crate::reconcile::Report> {
+    let applier = applier(settings).await?;
+    let (client, _stream, topology) =
+        startup::connect_streams(settings, "stripe-sync-applier-api").await?;
+    crate::reconcile::Reconcile::new(
+        settings,
+        async_nats::jetstream::new(client),
+        topology,
+        applier.pool().clone(),
+    )?
+    .run(objects)
+    .await
+}
+
 /// Publishes the events of Stripe's `GET /v1/events` since `since`.
 pub async fn recover(
     settings: &Settings,

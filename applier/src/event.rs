@@ -43,6 +43,11 @@ pub struct Incoming {
     pub object_id: Option<String>,
     /// Where `data.object` is in `body`.
     object_span: Option<Range<usize>>,
+    /// A thin event (API v2 event destinations): no object in the payload; `object_type` and `object_id` are its
+    /// `related_object`'s, `account` its `context`.
+    pub thin: bool,
+    /// A thin event's `snapshot_event`: the id of the v1 event of the same change, when Stripe names it.
+    pub snapshot_event: Option<String>,
 }
 
 impl Incoming {
@@ -73,6 +78,13 @@ impl Incoming {
     fn read(seq: u64, body: bytes::Bytes, json: &str) -> Result<Self, ApplyError> {
         let head: EventHead<'_, &RawValue> = event_head::parse_object(json.as_bytes())
             .map_err(|e| ApplyError::Unreadable(e.to_string()))?;
+        let created = head.created().ok_or_else(|| {
+            ApplyError::Unreadable(
+                "no `created` (unix seconds, or an RFC 3339 time in a thin event)".into(),
+            )
+        })?;
+        let thin = head.is_thin();
+        let account = head.account().map(str::to_owned);
         let id = head
             .id
             .ok_or_else(|| ApplyError::Unreadable("no string `id`".into()))?
@@ -81,9 +93,6 @@ impl Incoming {
             .event_type
             .ok_or_else(|| ApplyError::Unreadable("no string `type`".into()))?
             .into_owned();
-        let created = head
-            .created
-            .ok_or_else(|| ApplyError::Unreadable("no integer `created`".into()))?;
         let (facts, object_span) = match head.data.object {
             Some(raw) => {
                 let start = raw.get().as_ptr() as usize - json.as_ptr() as usize;
@@ -96,20 +105,34 @@ impl Incoming {
             }
             None => (ObjectFacts::default(), None),
         };
+        let (mut object_type, mut object_id) = (
+            facts.object.map(Cow::into_owned),
+            facts.id.map(Cow::into_owned),
+        );
+        let mut snapshot_event = None;
+        if thin {
+            let related = head.related_object.unwrap_or_default();
+            (object_type, object_id) = (related.kind, related.id);
+            snapshot_event = serde_json::from_str::<serde_json::Value>(json)
+                .ok()
+                .and_then(|v| v["snapshot_event"].as_str().map(str::to_owned));
+        }
         Ok(Self {
             seq,
             id,
             event_type,
             created,
-            account: head.account.map(|s| s.into_owned()),
+            account,
             livemode: head.livemode,
             object_livemode: facts.livemode,
             progress: facts.progress,
             api_version: head.api_version.map(|s| s.into_owned()),
-            object_type: facts.object.map(Cow::into_owned),
-            object_id: facts.id.map(Cow::into_owned),
-            object_span,
+            object_type,
+            object_id,
+            object_span: object_span.filter(|_| !thin),
             body,
+            thin,
+            snapshot_event,
         })
     }
 

@@ -53,6 +53,8 @@ pub mod reason {
     pub const LIST: &str = "list";
     /// `applier.hydrate = always`.
     pub const ALWAYS: &str = "always";
+    /// A thin event: its payload has no object.
+    pub const THIN: &str = "thin";
 }
 
 /// What the apply transaction needs to queue objects.
@@ -158,9 +160,12 @@ struct Claimed {
 
 /// How one read ended.
 #[derive(Debug)]
-enum Read {
-    /// Published (the object, or its tombstone).
-    Published,
+pub(crate) enum Read {
+    /// Published: the object, or (`gone`: Stripe answered 404) its tombstone.
+    Published {
+        /// The object no longer exists.
+        gone: bool,
+    },
     /// Stripe refused the key: nothing else will be read either.
     Unauthorized(String),
     /// Can't be read with this key (403, 400...): dropped.
@@ -297,21 +302,27 @@ impl Hydrator {
         }
     }
 
-    /// Reads one object and publishes it (a 404: its tombstone).
+    /// Reads one claimed object and publishes it.
     async fn read(&self, row: &Claimed) -> Read {
-        let Some(spec) = self
-            .registry()
-            .objects()
-            .iter()
-            .find(|s| s.table == row.table_name)
-        else {
-            return Read::Dropped(format!("no table {}", row.table_name));
+        self.read_one(&row._account_id, row.livemode, &row.table_name, &row.id)
+            .await
+    }
+
+    /// Reads one object (`_account_id`, table, id) and publishes it (a 404: its tombstone).
+    pub(crate) async fn read_one(
+        &self,
+        account_id: &str,
+        livemode: bool,
+        table: &str,
+        id: &str,
+    ) -> Read {
+        let Some(spec) = self.registry().objects().iter().find(|s| s.table == table) else {
+            return Read::Dropped(format!("no table {table}"));
         };
         let Some(list) = &spec.list else {
             return Read::Dropped(format!("{} can't be read by id", spec.object_type));
         };
-        let account =
-            (row._account_id != self.platform_account).then_some(row._account_id.as_str());
+        let account = (account_id != self.platform_account).then_some(account_id);
         let per_account = list.path.contains("{account}");
         if per_account && account.is_none() {
             return Read::Dropped(format!(
@@ -319,9 +330,9 @@ impl Hydrator {
                 spec.object_type
             ));
         }
-        let base = list.path.replace("{account}", &row._account_id);
+        let base = list.path.replace("{account}", account_id);
         let endpoint = format!("{}/{{id}}", list.path);
-        let path = format!("{base}/{}", row.id);
+        let path = format!("{base}/{id}");
         // Read from the platform's side, as the backfill lists them: objects under `/v1/accounts/{account}/`, and
         // objects that name their account in a field (connected accounts themselves).
         let header = if per_account || list.account_field.is_some() {
@@ -331,7 +342,7 @@ impl Hydrator {
         };
         let read_at = time::OffsetDateTime::now_utc().unix_timestamp();
         let object = match self.backfill.api.get(&endpoint, &path, &[], header).await {
-            Ok(mut object) if object["id"].as_str() == Some(row.id.as_str()) => {
+            Ok(mut object) if object["id"].as_str() == Some(id) => {
                 match self
                     .backfill
                     .complete_lists(spec, &mut object, header)
@@ -351,9 +362,9 @@ impl Hydrator {
                 ));
             }
             Err(err) if err.is_not_found() => json!({
-                "id": row.id,
+                "id": id,
                 "object": spec.object_type,
-                "livemode": row.livemode,
+                "livemode": livemode,
                 "deleted": true,
             }),
             Err(err @ ApiError::Unauthorized { .. }) => return Read::Unauthorized(err.to_string()),
@@ -365,8 +376,9 @@ impl Hydrator {
             read_at,
             object: &object,
         };
+        let gone = object["deleted"] == json!(true);
         match self.backfill.publisher.publish_all(&[snapshot]).await {
-            Ok(()) => Read::Published,
+            Ok(()) => Read::Published { gone },
             Err(err) => Read::Failed(format!("publishing to the stream: {err:#}")),
         }
     }
@@ -376,7 +388,7 @@ impl Hydrator {
     async fn finish(&self, row: &Claimed, read: &Read) -> Result<(), sqlx::Error> {
         let key = "_account_id = $1 and livemode = $2 and table_name = $3 and id = $4 and not_before = $5";
         let (sql, wait, error) = match read {
-            Read::Published | Read::Dropped(_) => {
+            Read::Published { .. } | Read::Dropped(_) => {
                 if let Read::Dropped(why) = read {
                     tracing::warn!(table = %row.table_name, id = %row.id, %why, "can't read this object from the API; not hydrated");
                 }
@@ -428,19 +440,30 @@ fn backoff(attempts: i32) -> Duration {
 pub type Shared = Option<Arc<Policy>>;
 
 /// The objects a batch's new events ask to have read, beside the rows ties decided (`ties`, keyed by table):
+/// thin events' objects (unless the v1 event of the same change, their `snapshot_event`, is in `recorded`),
 /// events at another API version than the pinned one, and with `always` every event's object. Snapshots never ask.
 #[must_use]
 pub fn asks_of_events<'a>(
     policy: &Policy,
     registry: &Registry,
     events: impl Iterator<Item = (&'a crate::event::Incoming, &'a str)>,
+    recorded: &std::collections::HashSet<String>,
 ) -> Vec<Ask> {
     let mut out = Vec::new();
     for (event, account) in events {
         if event.kind() == crate::version::Kind::Snapshot {
             continue;
         }
-        let reason = if policy.mode == Mode::Always {
+        let reason = if event.thin {
+            if event
+                .snapshot_event
+                .as_ref()
+                .is_some_and(|id| recorded.contains(id))
+            {
+                continue;
+            }
+            reason::THIN
+        } else if policy.mode == Mode::Always {
             reason::ALWAYS
         } else if event
             .api_version
@@ -486,6 +509,7 @@ mod tests {
     #[test]
     fn events_ask_for_reads_by_mode_version_and_key_mode() {
         let registry = Registry::shipped();
+        let none = std::collections::HashSet::new();
         let policy = Policy {
             mode: Mode::Ambiguous,
             api_version: "2026-07-29.dahlia".into(),
@@ -506,7 +530,12 @@ mod tests {
             event("evt_old_test", "2020-03-02", false, "customer"),
             event("evt_old_unknown", "2020-03-02", true, "no_such_thing"),
         ];
-        let asks = asks_of_events(&policy, registry, events.iter().map(|e| (e, "platform")));
+        let asks = asks_of_events(
+            &policy,
+            registry,
+            events.iter().map(|e| (e, "platform")),
+            &none,
+        );
         assert_eq!(
             asks,
             vec![Ask {
@@ -523,7 +552,13 @@ mod tests {
             ..policy.clone()
         };
         assert_eq!(
-            asks_of_events(&always, registry, events.iter().map(|e| (e, "platform"))).len(),
+            asks_of_events(
+                &always,
+                registry,
+                events.iter().map(|e| (e, "platform")),
+                &none
+            )
+            .len(),
             2
         );
         let never = Policy {
@@ -531,7 +566,13 @@ mod tests {
             ..policy
         };
         assert!(
-            asks_of_events(&never, registry, events.iter().map(|e| (e, "platform"))).is_empty()
+            asks_of_events(
+                &never,
+                registry,
+                events.iter().map(|e| (e, "platform")),
+                &none
+            )
+            .is_empty()
         );
     }
 }

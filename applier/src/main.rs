@@ -38,6 +38,16 @@ enum Command {
     Sync(SyncArgs),
     /// Close a gap of missed webhooks from Stripe's events of the last 30 days (`GET /v1/events`).
     Recover(RecoverArgs),
+    /// Compare the tables with Stripe's API and fix what differs: changed objects, missing ones, and objects
+    /// deleted with no event (marked deleted). Prints the drift per table; exits 1 if a table could not be read.
+    Reconcile(ReconcileArgs),
+}
+
+#[derive(Args)]
+struct ReconcileArgs {
+    /// Object types or tables, comma-separated (default: every listable type).
+    #[arg(long, value_delimiter = ',')]
+    objects: Vec<String>,
 }
 
 #[derive(Args)]
@@ -175,6 +185,12 @@ async fn main() -> anyhow::Result<()> {
             for (account, why) in &recovered.skipped {
                 println!("skipped {account}: {why}");
             }
+            Ok(())
+        }
+        Command::Reconcile(args) => {
+            let report = commands::reconcile(&settings, &args.objects).await?;
+            print!("{report}");
+            anyhow::ensure!(report.ok(), "some tables could not be reconciled");
             Ok(())
         }
         Command::Dlq(DlqCommand::List) => {

@@ -47,6 +47,8 @@ pub struct Settings {
     pub stripe: StripeSettings,
     /// The admin listener (`POST /backfill`...).
     pub admin: AdminSettings,
+    /// Comparing the tables with Stripe's API, on a schedule (`reconcile`).
+    pub reconcile: ReconcileSettings,
     /// NATS connection.
     pub nats: NatsSettings,
     /// Events stream and dead-letter stream.
@@ -198,6 +200,28 @@ impl Default for StripeSettings {
             request_timeout: Duration::from_secs(30),
             types_in_parallel: NonZeroUsize::new(8).unwrap_or(NonZeroUsize::MIN),
             ranges_per_type: NonZeroUsize::new(4).unwrap_or(NonZeroUsize::MIN),
+        }
+    }
+}
+
+/// Reconciling: walking Stripe's lists, comparing them with the tables, fixing what differs (needs `STRIPE_API_KEY`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReconcileSettings {
+    /// How often every applier-side reconcile runs (one applier at a time); unset (the default): only when an
+    /// operator runs `stripe-sync-applier reconcile`.
+    #[serde(with = "humantime_serde")]
+    pub interval: Option<Duration>,
+    /// The share of the API budget (`stripe.*_requests_per_second`) a reconcile uses, so webhooks' hydration and
+    /// operators' backfills keep the rest.
+    pub share: f64,
+}
+
+impl Default for ReconcileSettings {
+    fn default() -> Self {
+        Self {
+            interval: None,
+            share: 0.1,
         }
     }
 }

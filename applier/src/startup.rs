@@ -22,6 +22,7 @@ use crate::consumer;
 use crate::dead_letter::DeadLetter;
 use crate::hydrate::{self, Hydrator};
 use crate::membership::Membership;
+use crate::reconcile::Reconcile;
 use crate::registry::Registry;
 use crate::settings::Settings;
 use crate::store;
@@ -114,6 +115,8 @@ pub struct Application {
     admin: Option<tokio::net::TcpListener>,
     /// The hydration reader, when `STRIPE_API_KEY` is set and `applier.hydrate` is not `never`.
     hydrator: Option<Hydrator>,
+    /// The scheduled reconcile, when `STRIPE_API_KEY` and `reconcile.interval` are set.
+    reconcile: Option<(Reconcile, std::time::Duration)>,
 }
 
 impl Application {
@@ -162,7 +165,7 @@ impl Application {
                         api,
                         js.clone(),
                         topology.clone(),
-                        pool,
+                        pool.clone(),
                     ),
                     platform_account: settings.applier.account_id.clone(),
                     live,
@@ -171,6 +174,13 @@ impl Application {
                     lease: std::time::Duration::from_secs(60),
                 })
             }
+            _ => None,
+        };
+        let reconcile = match (&settings.stripe.api_key, settings.reconcile.interval) {
+            (Some(_), Some(interval)) => Some((
+                Reconcile::new(&settings, js.clone(), topology.clone(), pool.clone())?,
+                interval,
+            )),
             _ => None,
         };
         let membership =
@@ -192,6 +202,7 @@ impl Application {
             membership,
             admin,
             hydrator,
+            reconcile,
         })
     }
 
@@ -221,6 +232,7 @@ impl Application {
             membership,
             admin,
             hydrator,
+            reconcile,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         if let (Some(listener), Some(token)) = (admin, shared.settings.admin.token.clone()) {
@@ -246,6 +258,9 @@ impl Application {
             });
         }
         let hydrating = hydrator.map(|h| tokio::spawn(h.run(stop_rx.clone())));
+        if let Some((reconcile, interval)) = reconcile {
+            tokio::spawn(reconcile.every(interval, stop_rx.clone()));
+        }
         let stopper = tokio::spawn(async move {
             shutdown.await;
             let _ = stop_tx.send(true);

@@ -415,6 +415,26 @@ pub async fn recorded_seqs(
         .collect())
 }
 
+/// The `snapshot_event`s of these thin events that are recorded already (the v1 event of the same change came
+/// first: the thin event needs no read). Looked up in the thin event's own account.
+pub async fn recorded_snapshot_events(
+    conn: &mut PgConnection,
+    events: &[(&str, &str)],
+) -> Result<HashSet<String>, sqlx::Error> {
+    if events.is_empty() {
+        return Ok(HashSet::new());
+    }
+    sqlx::query_scalar(
+        "select e.id from unnest($1::text[], $2::text[]) as k(account, id) \
+         join stripe.events e on e._account_id = k.account and e.id = k.id",
+    )
+    .bind(events.iter().map(|k| k.0).collect::<Vec<_>>())
+    .bind(events.iter().map(|k| k.1).collect::<Vec<_>>())
+    .fetch_all(&mut *conn)
+    .await
+    .map(|ids: Vec<String>| ids.into_iter().collect())
+}
+
 /// A row a write produced: its key, and whether a bare tie decided it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Written {

@@ -58,9 +58,6 @@ impl ApiError {
             Self::NotAnEvent(HeadError::NotAnEvent(_)) => {
                 (StatusCode::BAD_REQUEST, "body_not_an_event")
             }
-            Self::NotAnEvent(HeadError::ThinEvent) => {
-                (StatusCode::BAD_REQUEST, "thin_event_not_supported")
-            }
             Self::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::BadBody => (StatusCode::BAD_REQUEST, "body_unreadable"),
             Self::UnknownEndpoint(_) => (StatusCode::NOT_FOUND, "unknown_endpoint"),

@@ -23,6 +23,10 @@ pub const PLAIN_ENV: &[PlainEnv] = &[
         var: "STRIPE_CONNECT_WEBHOOK_SECRET",
         key: "webhook.endpoints.connect.secrets",
     },
+    PlainEnv {
+        var: "STRIPE_THIN_WEBHOOK_SECRET",
+        key: "webhook.endpoints.thin.secrets",
+    },
 ];
 
 /// Everything `stripe-sync-ingest` reads at start.
@@ -101,7 +105,8 @@ pub struct WebhookSettings {
     #[serde(deserialize_with = "comma_separated")]
     pub secrets: Vec<SecretString>,
     /// More endpoints, each served at `POST /webhooks/<name>` with its own secrets, e.g. `connect` for Stripe
-    /// Connect events (`STRIPE_CONNECT_WEBHOOK_SECRET`).
+    /// Connect events (`STRIPE_CONNECT_WEBHOOK_SECRET`) and `thin` for an event destination sending thin events
+    /// (`STRIPE_THIN_WEBHOOK_SECRET`; any endpoint accepts both payload styles, each verified with its own secrets).
     pub endpoints: BTreeMap<String, EndpointSettings>,
     /// Largest accepted difference between the signature's timestamp and our clock.
     #[serde(with = "humantime_serde")]

@@ -16,13 +16,6 @@ pub enum HeadError {
     /// JSON, but without the string `id` and `type` every Stripe event has.
     #[error("body is not a Stripe event: {0}")]
     NotAnEvent(&'static str),
-    /// A thin event (API v2 event destinations): its `created` is a time string and its object must be fetched
-    /// from the API. Not accepted yet: configure the destination to send snapshot events.
-    #[error(
-        "this is a thin event (`object: v2.core.event`), which stripe-sync does not accept yet: configure the event \
-         destination to send snapshot payloads"
-    )]
-    ThinEvent,
 }
 
 /// Longest event id or type accepted: Stripe's are about 30 and 60 characters.
@@ -53,9 +46,9 @@ pub struct EventHead<'a, O> {
     /// `event` for API v1 events, `v2.core.event` for thin events.
     #[serde(borrow, default, deserialize_with = "lenient_str")]
     pub object: Option<Cow<'a, str>>,
-    /// Unix seconds when Stripe created the event.
-    #[serde(default, deserialize_with = "lenient_i64")]
-    pub created: Option<i64>,
+    /// When Stripe created the event: see [`EventHead::created`].
+    #[serde(default, rename = "created", deserialize_with = "lenient_created")]
+    pub created_as: Option<Created>,
     /// Connected account the event belongs to (Stripe Connect); absent for the platform's own events.
     #[serde(borrow, default, deserialize_with = "lenient_str")]
     pub account: Option<Cow<'a, str>>,
@@ -68,6 +61,59 @@ pub struct EventHead<'a, O> {
     /// `data`, of which only `object` is read.
     #[serde(default = "no_data")]
     pub data: EventData<O>,
+    /// A thin event's object (`{id, type, url}`): the payload carries no object.
+    #[serde(default, deserialize_with = "lenient_related")]
+    pub related_object: Option<RelatedObject>,
+    /// A thin event's connected account (`context`), absent for the platform's own events.
+    #[serde(borrow, default, deserialize_with = "lenient_str")]
+    pub context: Option<Cow<'a, str>>,
+}
+
+/// An event's `created`, as sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    /// Unix seconds (v1 events).
+    Seconds(i64),
+    /// An RFC 3339 time (thin events), as unix seconds.
+    Time(i64),
+}
+
+/// `object` of a thin event (API v2 event destinations).
+pub const THIN_EVENT: &str = "v2.core.event";
+
+/// A thin event's `related_object`.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+pub struct RelatedObject {
+    /// Its id.
+    #[serde(default, deserialize_with = "lenient_owned")]
+    pub id: Option<String>,
+    /// Its type (`customer`).
+    #[serde(rename = "type", default, deserialize_with = "lenient_owned")]
+    pub kind: Option<String>,
+}
+
+impl<O> EventHead<'_, O> {
+    /// True for a thin event.
+    #[must_use]
+    pub fn is_thin(&self) -> bool {
+        self.object.as_deref() == Some(THIN_EVENT)
+    }
+
+    /// Unix seconds when Stripe created the event: a v1 event's integer, a thin event's RFC 3339 time (to the
+    /// second); anything else is no time at all.
+    #[must_use]
+    pub fn created(&self) -> Option<i64> {
+        match (self.created_as?, self.is_thin()) {
+            (Created::Seconds(s), _) | (Created::Time(s), true) => Some(s),
+            (Created::Time(_), false) => None,
+        }
+    }
+
+    /// The connected account: a v1 event's `account`, a thin event's `context`.
+    #[must_use]
+    pub fn account(&self) -> Option<&str> {
+        self.account.as_deref().or(self.context.as_deref())
+    }
 }
 
 fn no_data<O>() -> EventData<O> {
@@ -219,12 +265,16 @@ pub struct RoutingHead<'a> {
 }
 
 impl<'a> RoutingHead<'a> {
-    /// Reads the head of a body in one pass. Fails when the body is not JSON, lacks a plain string `id` and `type`
-    /// or an integer `created`, or is a thin event.
+    /// Reads the head of a body in one pass. Fails when the body is not JSON, or lacks a plain string `id` and
+    /// `type` or a `created` (unix seconds; a thin event's RFC 3339 time). A thin event's object is its
+    /// `related_object`, its account its `context`.
     pub fn parse(body: &'a [u8]) -> Result<Self, HeadError> {
         let head: EventHead<'a, ObjectHead<'a>> = parse_object(body)?;
-        if head.object.as_deref() == Some("v2.core.event") {
-            return Err(HeadError::ThinEvent);
+        let thin = head.is_thin();
+        if head.created().is_none() {
+            return Err(HeadError::NotAnEvent(
+                "no `created` (unix seconds, or an RFC 3339 time in a thin event)",
+            ));
         }
         let id = head.id.ok_or(HeadError::NotAnEvent("no string `id`"))?;
         let id = checked_name(
@@ -238,16 +288,20 @@ impl<'a> RoutingHead<'a> {
             event_type,
             "`type` is empty, longer than 255 characters, or has control characters or spaces",
         )?;
-        if head.created.is_none() {
-            return Err(HeadError::NotAnEvent("no integer `created` (unix seconds)"));
-        }
-        let object = head.data.object.unwrap_or_default();
+        let (object_id, object_type) = match (thin, head.related_object) {
+            (true, Some(related)) => (related.id.map(Cow::Owned), related.kind.map(Cow::Owned)),
+            (true, None) => (None, None),
+            (false, _) => {
+                let object = head.data.object.unwrap_or_default();
+                (object.id, object.object)
+            }
+        };
         Ok(Self {
             id,
             event_type,
-            account: head.account,
-            object_id: object.id,
-            object_type: object.object,
+            account: head.account.or(head.context),
+            object_id,
+            object_type,
         })
     }
 }
@@ -318,11 +372,35 @@ fn lenient_str<'de: 'a, 'a, D: Deserializer<'de>>(d: D) -> Result<Option<Cow<'a,
     d.deserialize_any(V)
 }
 
-fn lenient_i64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+/// Unix seconds, or an RFC 3339 time (thin events) read to the second.
+fn lenient_created<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Created>, D::Error> {
     Ok(match serde_json::Value::deserialize(d)? {
-        serde_json::Value::Number(n) => n.as_i64(),
+        serde_json::Value::Number(n) => n.as_i64().map(Created::Seconds),
+        serde_json::Value::String(s) => rfc3339_seconds(&s).map(Created::Time),
         _ => None,
     })
+}
+
+/// The unix second of an RFC 3339 time (`2026-10-01T12:00:00.123Z`).
+#[must_use]
+pub fn rfc3339_seconds(s: &str) -> Option<i64> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(time::OffsetDateTime::unix_timestamp)
+}
+
+fn lenient_owned<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(s) => Some(s),
+        _ => None,
+    })
+}
+
+fn lenient_related<'de, D: Deserializer<'de>>(d: D) -> Result<Option<RelatedObject>, D::Error> {
+    let value = serde_json::Value::deserialize(d)?;
+    Ok(value
+        .is_object()
+        .then(|| RelatedObject::deserialize(value).unwrap_or_default()))
 }
 
 fn lenient_bool<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
@@ -403,12 +481,26 @@ mod tests {
     }
 
     #[test]
-    fn thin_events_and_events_without_an_integer_created_are_refused_with_the_reason() {
-        let thin = br#"{"id":"evt_65R","object":"v2.core.event","type":"v1.customer.created","created":"2026-10-01T12:00:00.000Z","related_object":{"id":"cus_1","type":"customer","url":"/v1/customers/cus_1"}}"#;
-        assert!(matches!(
-            RoutingHead::parse(thin),
-            Err(HeadError::ThinEvent)
-        ));
+    fn a_thin_event_routes_by_its_related_object_and_context_and_reads_its_time() {
+        let thin = br#"{"id":"evt_65R","object":"v2.core.event","type":"v1.customer.created","created":"2026-10-01T12:00:00.999Z","context":"acct_9","related_object":{"id":"cus_1","type":"customer","url":"/v1/customers/cus_1"}}"#;
+        let head = RoutingHead::parse(thin).unwrap();
+        assert_eq!(
+            (
+                head.object_id.as_deref(),
+                head.object_type.as_deref(),
+                head.account.as_deref()
+            ),
+            (Some("cus_1"), Some("customer"), Some("acct_9"))
+        );
+        let full: EventHead<'_, &RawValue> = serde_json::from_slice(thin).unwrap();
+        assert_eq!(full.created(), Some(1_790_856_000), "to the second");
+        let v2 = br#"{"id":"evt_2","object":"v2.core.event","type":"v2.core.account[requirements].updated","created":"2026-10-01T12:00:00Z"}"#;
+        let head = RoutingHead::parse(v2).unwrap();
+        assert_eq!(head.object_id, None, "a thin event without related_object");
+    }
+
+    #[test]
+    fn events_without_an_integer_created_are_refused_with_the_reason() {
         assert!(matches!(
             RoutingHead::parse(br#"{"id":"evt_1","type":"t","created":"2026-10-01T12:00:00Z"}"#),
             Err(HeadError::NotAnEvent(_))
@@ -423,7 +515,7 @@ mod tests {
         assert_eq!(head.object_id, None);
         assert_eq!(head.account, None);
         let full: EventHead<'_, &RawValue> = serde_json::from_slice(body).unwrap();
-        assert_eq!(full.created, Some(7));
+        assert_eq!(full.created(), Some(7));
         assert_eq!(full.livemode, None);
     }
 
@@ -434,7 +526,7 @@ mod tests {
         let raw = head.data.object.unwrap();
         assert_eq!(raw.get(), r#"{"id":"o_1", "object":"thing","n":1.50}"#);
         assert_eq!(object_head(raw).id.as_deref(), Some("o_1"));
-        assert_eq!(head.created, Some(1_700_000_000));
+        assert_eq!(head.created(), Some(1_700_000_000));
     }
 
     fn json_value() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {

@@ -25,7 +25,8 @@ use crate::api::{ApiError, StripeClient};
 use crate::registry::{ListEndpoint, ObjectSpec, Registry};
 use crate::snapshot::Publisher;
 pub use progress::Progress;
-use range::{PAGE, Range, TypeJob, list_page};
+pub(crate) use range::{PAGE, list_page};
+use range::{Range, TypeJob};
 
 /// What to load.
 #[derive(Debug, Clone, Default)]
@@ -298,7 +299,7 @@ impl Backfill {
 }
 
 /// The query a type's list takes besides paging: its registry parameters.
-fn base_query(list: &ListEndpoint) -> Vec<(String, String)> {
+pub(crate) fn base_query(list: &ListEndpoint) -> Vec<(String, String)> {
     list.query
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))

@@ -15,7 +15,7 @@ use crate::registry::{ListEndpoint, ObjectSpec};
 use crate::snapshot::Snapshot;
 
 /// Objects per page, Stripe's most.
-pub(super) const PAGE: usize = 100;
+pub(crate) const PAGE: usize = 100;
 
 /// A range of `created` being paged newest first.
 #[derive(Debug, Clone)]
@@ -437,7 +437,7 @@ const CHECKPOINT_ATTEMPTS: u32 = 20;
 /// A list page's items and whether more follow. A page that isn't one (no `data` array, an item without a string
 /// id, or, where the list is paged by `created`, without an integer `created`) is an error: never the end of a list,
 /// and never a cursor that would page from the top again.
-pub(super) fn list_page(page: Value, created: bool) -> Result<(Vec<Value>, bool), ApiError> {
+pub(crate) fn list_page(page: Value, created: bool) -> Result<(Vec<Value>, bool), ApiError> {
     let has_more = page["has_more"] == json!(true);
     let Value::Array(items) = page.get("data").cloned().unwrap_or(Value::Null) else {
         return Err(ApiError::Unreadable(

@@ -1,0 +1,133 @@
+//! Reconcile against the fake Stripe API: changes and deletions Stripe sent no event for are found and fixed.
+
+use serde_json::{Value, json};
+use stripe_sync_testkit::fake_stripe::PLATFORM;
+use stripe_sync_testkit::stripe;
+
+use crate::api_side::{fake, test_env, with};
+use crate::helpers::customer_event;
+
+fn customer(id: &str, created: i64, email: &str) -> Value {
+    with("customer", id, created, json!({ "email": email }))
+}
+
+#[tokio::test]
+async fn reconcile_finds_a_change_an_addition_and_a_deletion_stripe_sent_no_event_for() {
+    let fake = fake(&[]).await;
+    let now = stripe::now();
+    for i in 0..5 {
+        fake.put(
+            PLATFORM,
+            &customer(&format!("cus_r{i}"), now - 1000 + i, "old@example.com"),
+        );
+    }
+    let env = test_env(&fake, &[]).await;
+    let applier = env.start_applier().await;
+    let options = stripe_sync_applier::backfill::Options {
+        objects: vec!["customers".into()],
+        ..Default::default()
+    };
+    stripe_sync_applier::commands::backfill(&env.settings(), &options)
+        .await
+        .unwrap();
+    env.wait_count("select count(*) from stripe.customers", 5)
+        .await;
+
+    // At Stripe, with no event: one customer changed, one deleted, one created.
+    fake.put(PLATFORM, &customer("cus_r1", now - 999, "new@example.com"));
+    fake.remove(PLATFORM, "customer", "cus_r3");
+    fake.put(PLATFORM, &customer("cus_r9", now - 10, "added@example.com"));
+
+    let report = stripe_sync_applier::commands::reconcile(&env.settings(), &["customers".into()])
+        .await
+        .unwrap();
+    assert!(report.ok(), "{report}");
+    let drift = &report.tables[0];
+    assert_eq!(
+        (
+            drift.table.as_str(),
+            drift.listed,
+            drift.changed,
+            drift.added,
+            drift.deleted
+        ),
+        ("customers", 5, 1, 1, 1),
+        "{report}"
+    );
+    env.wait_count(
+        "select count(*) from stripe.customers where id = 'cus_r1' and email = 'new@example.com'",
+        1,
+    )
+    .await;
+    env.wait_count(
+        "select count(*) from stripe.customers where id = 'cus_r3' and deleted",
+        1,
+    )
+    .await;
+    env.wait_count(
+        "select count(*) from stripe.customers where id = 'cus_r9' and not deleted",
+        1,
+    )
+    .await;
+    env.wait_drained().await;
+    let recorded: (i64, i64, i64, i64) = sqlx::query_as(
+        "select listed, changed, added, deleted from stripe.reconcile_tables \
+         where run_id = $1 and table_name = 'customers'",
+    )
+    .bind(report.run)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        recorded,
+        (5, 1, 1, 1),
+        "the drift is recorded per run and table"
+    );
+    assert_eq!(
+        env.scalar::<i64>("select count(*) from stripe.reconcile_seen")
+            .await,
+        0,
+        "the seen ids are cleared when the walk ends"
+    );
+
+    // Equal now: a second reconcile finds nothing, and reads nothing by id.
+    let again = stripe_sync_applier::commands::reconcile(&env.settings(), &["customer".into()])
+        .await
+        .unwrap();
+    assert_eq!(again.tables[0].total(), 0, "{again}");
+    assert_eq!(again.tables[0].listed, 5, "{again}");
+    applier.stop().await;
+}
+
+#[tokio::test]
+async fn the_scheduled_reconcile_marks_an_object_deleted_without_an_event_as_deleted() {
+    let fake = fake(&[]).await;
+    let env = test_env(
+        &fake,
+        &[
+            ("STRIPE_SYNC__RECONCILE__INTERVAL", "1s"),
+            ("STRIPE_SYNC__RECONCILE__SHARE", "1"),
+        ],
+    )
+    .await;
+    let applier = env.start_applier().await;
+    // A webhook created it; Stripe deleted it since and sent nothing (the fake never had it: 404).
+    env.publish(&customer_event(
+        "evt_gone",
+        "customer.created",
+        stripe::now() - 100,
+        "cus_gone",
+        "gone@example.com",
+    ))
+    .await;
+    env.wait_count(
+        "select count(*) from stripe.customers where id = 'cus_gone' and deleted",
+        1,
+    )
+    .await;
+    let runs: i64 = env
+        .scalar("select count(*) from stripe.reconcile_tables where table_name = 'customers' and deleted = 1")
+        .await;
+    assert!(runs >= 1, "a scheduled run recorded the deletion");
+    applier.stop().await;
+}
