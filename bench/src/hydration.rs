@@ -81,3 +81,139 @@ pub(crate) async fn run(n: usize) -> anyhow::Result<Vec<Reads>> {
         count(&shuffled, "shuffled within each second").await?,
     ])
 }
+
+/// The latency hydration adds: from the second of two same-second events (a bare tie) stored in the stream to the
+/// object's snapshot, read from the (fake) API, applied. An applier in-process with the default settle delay.
+#[derive(Debug)]
+pub(crate) struct Latency {
+    pub objects: usize,
+    pub api_latency_ms: u64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+pub(crate) async fn latency(
+    objects: usize,
+    api_latency: std::time::Duration,
+) -> anyhow::Result<Latency> {
+    use std::collections::HashMap;
+    use std::time::{Duration, Instant};
+
+    use async_nats::HeaderMap;
+    use serde_json::json;
+    use stripe_sync_shared::subjects::{self, Topology};
+    use stripe_sync_testkit::fake_stripe::{Behaviour, FakeStripe, PLATFORM};
+    use stripe_sync_testkit::{nats::TestNats, stripe, unique_name};
+
+    const KEY: &str = "sk_test_bench";
+    let fake = FakeStripe::start(KEY, [("/v1/customers".to_owned(), "customer".to_owned())]).await;
+    let now = stripe::now();
+    for i in 0..objects {
+        let mut object = stripe::object("customer", &format!("cus_lat{i}"));
+        object["created"] = json!(now - 1000);
+        object["livemode"] = json!(false);
+        fake.put(PLATFORM, &object);
+    }
+    fake.set_behaviour(Behaviour {
+        latency: api_latency,
+        ..Behaviour::default()
+    });
+    let nats = TestNats::start();
+    let db = TestDb::create().await;
+    let pool = db.pool().await;
+    let stream_name = unique_name("BENCH_HYDRATE");
+    let env: HashMap<String, String> = HashMap::from([
+        ("NATS_URL".into(), nats.url()),
+        ("DATABASE_URL".into(), db.url().to_owned()),
+        ("STRIPE_API_KEY".into(), KEY.into()),
+        ("STRIPE_API_BASE".into(), fake.base().to_owned()),
+        ("STRIPE_SYNC__STREAM__NAME".into(), stream_name.clone()),
+        (
+            "STRIPE_SYNC__STREAM__DLQ_NAME".into(),
+            format!("{stream_name}_DLQ"),
+        ),
+    ]);
+    let settings = stripe_sync_applier::settings::Settings::load_from(&env)?;
+    let topology = Topology {
+        prefix: "stripe".into(),
+        partitions: settings.stream.partitions.get(),
+    };
+    let app = stripe_sync_applier::startup::Application::build(settings).await?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(app.run_until_stopped(async move {
+        let _ = stop_rx.await;
+    }));
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
+    let publish = |id: String, object: String, created: i64| {
+        let js = js.clone();
+        let topology = topology.clone();
+        async move {
+            let event = json!({
+                "id": id, "object": "event", "type": "customer.updated", "created": created,
+                "livemode": false, "api_version": "2026-07-29.dahlia",
+                "data": { "object": { "id": object, "object": "customer", "livemode": false, "email": id } },
+            });
+            let routing = subjects::routing_key(None, Some(&object), &id);
+            let subject =
+                topology.event_subject(topology.partition_of(&routing), "customer.updated");
+            let mut headers = HeaderMap::new();
+            headers.insert(subjects::HEADER_MSG_ID, id.as_str());
+            js.publish_with_headers(subject, headers, serde_json::to_vec(&event)?.into())
+                .await?
+                .await?;
+            anyhow::Ok(())
+        }
+    };
+    // Objects arrive at 10 a second (half the test key's read budget): latency, not queueing, is measured.
+    let mut sent: HashMap<String, Instant> = HashMap::new();
+    let mut done: Vec<Duration> = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut next = 0;
+    let deadline = Instant::now() + Duration::from_secs(60 + objects as u64);
+    while done.len() < objects && Instant::now() < deadline {
+        tick.tick().await;
+        if next < objects {
+            let object = format!("cus_lat{next}");
+            let created = stripe::now();
+            publish(format!("evt_lat{next}_a"), object.clone(), created).await?;
+            publish(format!("evt_lat{next}_b"), object.clone(), created).await?;
+            sent.insert(object, Instant::now());
+            next += 1;
+        }
+        let pending: Vec<String> = sent.keys().cloned().collect();
+        let snapped: Vec<String> = sqlx::query_scalar(
+            "select id from stripe.customers where id = any($1) and _last_event_id like 'snap_%'",
+        )
+        .bind(&pending)
+        .fetch_all(&pool)
+        .await?;
+        let at = Instant::now();
+        for id in snapped {
+            if let Some(t0) = sent.remove(&id) {
+                done.push(at - t0);
+            }
+        }
+    }
+    let _ = stop_tx.send(());
+    let _ = running.await;
+    anyhow::ensure!(
+        done.len() == objects,
+        "only {} of {objects} objects were hydrated",
+        done.len()
+    );
+    done.sort();
+    let ms = |q: f64| {
+        let i = ((done.len() as f64 * q).ceil() as usize).clamp(1, done.len()) - 1;
+        done[i].as_secs_f64() * 1000.0
+    };
+    Ok(Latency {
+        objects,
+        api_latency_ms: api_latency.as_millis() as u64,
+        p50_ms: ms(0.5),
+        p90_ms: ms(0.9),
+        p99_ms: ms(0.99),
+        max_ms: ms(1.0),
+    })
+}

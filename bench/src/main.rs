@@ -91,6 +91,14 @@ enum Command {
         #[arg(long, default_value_t = 100_000)]
         events: usize,
     },
+    /// The end-to-end latency hydration adds to an object a bare same-second tie decided (default settle delay).
+    HydrationLatency {
+        #[arg(long, default_value_t = 200)]
+        objects: usize,
+        /// Added to every fake API read (Stripe's own reads take about this long).
+        #[arg(long, default_value_t = 0)]
+        api_latency_ms: u64,
+    },
     /// (internal) The no-op HTTP server of the ingest ceiling.
     #[command(hide = true)]
     NoopServer {
@@ -203,6 +211,21 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    if let Command::HydrationLatency {
+        objects,
+        api_latency_ms,
+    } = cli.command
+    {
+        let l =
+            hydration::latency(objects, std::time::Duration::from_millis(api_latency_ms)).await?;
+        println!("| objects | API read latency | p50 | p90 | p99 | max |");
+        println!("|---|---|---|---|---|---|");
+        println!(
+            "| {} | {} ms | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms |",
+            l.objects, l.api_latency_ms, l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
+        );
+        return Ok(());
+    }
     let bins = harness::build_binaries()?;
     let nats = TestNats::start();
     let mut results = Results {
@@ -299,7 +322,9 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Direct { events } => direct::run(events).await?,
-        Command::NoopServer { .. } | Command::Hydration { .. } => {}
+        Command::NoopServer { .. }
+        | Command::Hydration { .. }
+        | Command::HydrationLatency { .. } => {}
     }
     Ok(())
 }
