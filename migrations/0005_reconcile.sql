@@ -23,9 +23,13 @@ create table stripe.reconcile_tables (
     deleted bigint not null default 0,
     -- Rows the list left out that still exist (read by id and published again).
     unlisted bigint not null default 0,
+    -- Rows the list left out that can't be read by id (400/403 for that object): left as they are.
+    unreadable bigint not null default 0,
+    -- Why the table was skipped (the account can't list it; rows of connected accounts), if it was.
+    skipped text,
     started_at timestamptz not null default now(),
     finished_at timestamptz,
-    -- Why the table could not be reconciled (skipped or failed), if it could not.
+    -- Why the table could not be reconciled (it failed: retries ran out, the key was refused), if it could not.
     error text,
     primary key (run_id, table_name)
 );

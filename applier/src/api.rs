@@ -174,7 +174,13 @@ impl StripeClient {
         })
     }
 
-    /// The API version every request is pinned to.
+    /// True for a live key: it reads live objects only.
+    #[must_use]
+    pub fn is_live(&self) -> bool {
+        is_live_key(self.key.expose_secret())
+    }
+
+    /// The pinned API version.
     pub fn api_version(&self) -> &str {
         &self.version
     }

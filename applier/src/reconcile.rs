@@ -36,6 +36,11 @@ pub struct Drift {
     pub deleted: u64,
     /// Rows the list left out that still exist: read by id and published again.
     pub unlisted: u64,
+    /// Rows the list left out that can't be read by id (a 400 or 403 for that object): logged, left as they are.
+    pub unreadable: u64,
+    /// Why the table was not reconciled although nothing failed (the account can't list it, or it is read per
+    /// connected account).
+    pub skipped: Option<String>,
     /// Why the table was not (wholly) reconciled.
     pub error: Option<String>,
 }
@@ -83,9 +88,10 @@ impl std::fmt::Display for Report {
                 "{}\t{}\t{}\t{}\t{}\t{}",
                 t.table, t.listed, t.changed, t.added, t.deleted, t.unlisted
             )?;
-            match &t.error {
-                Some(why) => writeln!(f, "\tNOT RECONCILED: {why}")?,
-                None => writeln!(f)?,
+            match (&t.error, &t.skipped) {
+                (Some(why), _) => writeln!(f, "\tNOT RECONCILED: {why}")?,
+                (None, Some(why)) => writeln!(f, "\tskipped: {why}")?,
+                (None, None) => writeln!(f)?,
             }
         }
         Ok(())
@@ -172,10 +178,12 @@ impl Reconcile {
     /// One reconcile at a time per database: a second one refuses.
     pub async fn run(&self, objects: &[String]) -> anyhow::Result<Report> {
         let started = std::time::Instant::now();
-        let types = self.backfill().types(&Options {
+        let mut types = self.backfill().types(&Options {
             objects: objects.to_vec(),
             ..Options::default()
         })?;
+        let mut named = std::collections::HashSet::new();
+        types.retain(|s| named.insert(&s.object_type));
         let mut lock = self.pool().acquire().await?.detach();
         let locked: bool = sqlx::query_scalar(
             "select pg_try_advisory_lock('stripe.reconcile_runs'::regclass::oid::int, 0)",
@@ -183,6 +191,10 @@ impl Reconcile {
         .fetch_one(&mut lock)
         .await?;
         anyhow::ensure!(locked, "another reconcile is running against this database");
+        // Left by a reconcile that crashed mid-walk (none runs now: the lock says so).
+        sqlx::query("delete from stripe.reconcile_seen")
+            .execute(self.pool())
+            .await?;
         let run: i64 = sqlx::query_scalar(
             "insert into stripe.reconcile_runs (objects) values ($1) returning id",
         )
@@ -266,10 +278,10 @@ impl Reconcile {
         drift.error = error;
         let recorded = sqlx::query(
             "insert into stripe.reconcile_tables \
-               (run_id, table_name, listed, changed, added, deleted, unlisted, error, finished_at) \
-             values ($1, $2, $3, $4, $5, $6, $7, $8, now()) \
+               (run_id, table_name, listed, changed, added, deleted, unlisted, unreadable, skipped, error, finished_at) \
+             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now()) \
              on conflict (run_id, table_name) do update set listed = $3, changed = $4, added = $5, deleted = $6, \
-               unlisted = $7, error = $8, finished_at = now()",
+               unlisted = $7, unreadable = $8, skipped = $9, error = $10, finished_at = now()",
         )
         .bind(run)
         .bind(&spec.table)
@@ -278,6 +290,8 @@ impl Reconcile {
         .bind(count(drift.added))
         .bind(count(drift.deleted))
         .bind(count(drift.unlisted))
+        .bind(count(drift.unreadable))
+        .bind(&drift.skipped)
         .bind(&drift.error)
         .execute(self.pool())
         .await;
@@ -322,9 +336,15 @@ impl Reconcile {
                 .get(&list.path, &list.path, &query, None)
                 .await?;
             let (objects, more) = list_page(page, false)?;
+            // The cursor is the page's last item, whatever its mode.
+            let last = objects
+                .last()
+                .and_then(|o| o["id"].as_str())
+                .map(str::to_owned);
+            // Objects without a mode of their own (files) are the key's.
             let objects: Vec<Value> = objects
                 .into_iter()
-                .filter(|o| o["livemode"].as_bool() == Some(live))
+                .filter(|o| o["livemode"].as_bool().unwrap_or(live) == live)
                 .collect();
             let ids: Vec<String> = objects
                 .iter()
@@ -374,7 +394,7 @@ impl Reconcile {
                     .await
                     .map_err(|e| Failure::Stream(format!("{e:#}")))?;
             }
-            after = ids.last().cloned();
+            after = last;
             if !more || after.is_none() {
                 break;
             }
@@ -425,7 +445,11 @@ impl Reconcile {
                     }
                     Read::Published { gone: false } => drift.unlisted += 1,
                     Read::Unauthorized(why) => return Err(Failure::Unauthorized(why)),
-                    Read::Dropped(why) | Read::Failed(why) => {
+                    Read::Dropped(why) => {
+                        drift.unreadable += 1;
+                        tracing::warn!(%table, %id, %why, "can't read this row's object by id; left as it is");
+                    }
+                    Read::Failed(why) => {
                         return Err(Failure::Stream(format!("reading {id}: {why}")));
                     }
                 }

@@ -41,9 +41,10 @@ impl Snapshot<'_> {
         format!("snap_{}_{:016x}", self.read_at, xxh3_64(key.as_bytes()))
     }
 
-    /// The snapshot event: an event-shaped body the applier reads like Stripe's.
+    /// The snapshot event: an event-shaped body the applier reads like Stripe's. Its mode is the object's, or
+    /// for objects that have none (accounts, files) the mode of the key that read it (`live`).
     #[must_use]
-    pub fn event(&self, api_version: &str) -> Value {
+    pub fn event(&self, api_version: &str, live: bool) -> Value {
         let deleted = self.object["deleted"] == json!(true);
         let kind = if deleted {
             format!("{SNAPSHOT_TYPE}.deleted")
@@ -55,7 +56,7 @@ impl Snapshot<'_> {
             "object": SNAPSHOT_TYPE,
             "type": kind,
             "created": self.read_at,
-            "livemode": self.object["livemode"],
+            "livemode": self.object["livemode"].as_bool().unwrap_or(live),
             "api_version": api_version,
             "data": { "object": self.object },
         });
@@ -72,15 +73,22 @@ pub struct Publisher {
     js: jetstream::Context,
     topology: Topology,
     api_version: String,
+    live: bool,
 }
 
 impl Publisher {
-    /// A publisher to the stream of `topology`.
-    pub fn new(js: jetstream::Context, topology: Topology, api_version: impl Into<String>) -> Self {
+    /// A publisher to the stream of `topology`, of objects read with a key of mode `live`.
+    pub fn new(
+        js: jetstream::Context,
+        topology: Topology,
+        api_version: impl Into<String>,
+        live: bool,
+    ) -> Self {
         Self {
             js,
             topology,
             api_version: api_version.into(),
+            live,
         }
     }
 
@@ -98,7 +106,7 @@ impl Publisher {
     }
 
     async fn publish(&self, snapshot: &Snapshot<'_>) -> anyhow::Result<PublishAckFuture> {
-        let event = snapshot.event(&self.api_version);
+        let event = snapshot.event(&self.api_version, self.live);
         let id = event["id"].as_str().unwrap_or_default().to_owned();
         let object_id = snapshot.object["id"].as_str();
         let routing = subjects::routing_key(snapshot.account, object_id, &id);
@@ -150,7 +158,7 @@ mod tests {
             read_at: 1_700_000_000,
             object: &object,
         };
-        let body = serde_json::to_vec(&snapshot.event("2026-07-29.dahlia")).unwrap();
+        let body = serde_json::to_vec(&snapshot.event("2026-07-29.dahlia", false)).unwrap();
         let event = Incoming::parse(1, &body).unwrap();
         assert_eq!(event.kind(), Kind::Snapshot);
         assert_eq!(event.created, 1_700_000_000);

@@ -112,7 +112,11 @@ impl<O> EventHead<'_, O> {
     /// The connected account: a v1 event's `account`, a thin event's `context`.
     #[must_use]
     pub fn account(&self) -> Option<&str> {
-        self.account.as_deref().or(self.context.as_deref())
+        if self.is_thin() {
+            self.account.as_deref().or(self.context.as_deref())
+        } else {
+            self.account.as_deref()
+        }
     }
 }
 
@@ -299,7 +303,11 @@ impl<'a> RoutingHead<'a> {
         Ok(Self {
             id,
             event_type,
-            account: head.account.or(head.context),
+            account: if thin {
+                head.account.or(head.context)
+            } else {
+                head.account
+            },
             object_id,
             object_type,
         })

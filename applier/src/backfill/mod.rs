@@ -131,7 +131,7 @@ impl Backfill {
         pool: PgPool,
     ) -> Self {
         Self {
-            publisher: Publisher::new(js, topology, api.api_version()),
+            publisher: Publisher::new(js, topology, api.api_version(), api.is_live()),
             api,
             pool,
             registry: Registry::shipped(),

@@ -167,7 +167,9 @@ impl Pump {
         self.hold_then_release(pin, done).await;
     }
 
-    /// Pulls until `stop`; the open pulls then, for [`Pulls::drain`].
+    /// Pulls until `stop`; the open pulls then, for [`Pulls::drain`]. A failed pull is asked again with the same
+    /// requests and pin (dropping them would strand what they deliver, and a request without our pin waits
+    /// unserved until the pin times out); only a lost consumer or a closed connection opens anew.
     async fn pull(
         &self,
         tx: &mpsc::Sender<jetstream::Message>,
@@ -176,59 +178,75 @@ impl Pump {
         let (expires, heartbeat) = pull_timing(&self.settings);
         let batch = PULL_BATCH.min(self.settings.batch_size.get());
         let name = consumer_name(&self.settings, self.partition);
-        while !*stop.borrow() {
-            let setup = async {
-                let what = format!("partition {}'s consumer", self.partition);
-                wait::until_ready(&what, || {
-                    ensure_consumer(&self.stream, &self.settings, &self.topology, self.partition)
-                })
-                .await?;
-                let stream = &self.stream.cached_info().config.name;
-                anyhow::Ok(
-                    Pulls::open(&self.client, stream, &name, batch, expires, heartbeat).await?,
-                )
-            };
-            let setup = tokio::select! {
-                pulls = setup => Some(pulls),
-                _ = stop.wait_for(|s| *s) => None,
-            };
-            let mut pulls = match setup {
-                None => return None,
-                Some(Ok(pulls)) => pulls,
-                Some(Err(err)) => {
-                    tracing::error!(partition = self.partition, error = %format!("{err:#}"), "cannot pull the partition");
-                    if stop_after(stop, Duration::from_secs(1)).await {
-                        return None;
+        let mut kept: Option<Pulls> = None;
+        loop {
+            if *stop.borrow() {
+                return kept;
+            }
+            let mut pulls = match kept.take() {
+                Some(pulls) => pulls,
+                None => {
+                    let setup = async {
+                        let what = format!("partition {}'s consumer", self.partition);
+                        wait::until_ready(&what, || {
+                            ensure_consumer(
+                                &self.stream,
+                                &self.settings,
+                                &self.topology,
+                                self.partition,
+                            )
+                        })
+                        .await?;
+                        let stream = &self.stream.cached_info().config.name;
+                        anyhow::Ok(
+                            Pulls::open(&self.client, stream, &name, batch, expires, heartbeat)
+                                .await?,
+                        )
+                    };
+                    let setup = tokio::select! {
+                        pulls = setup => pulls,
+                        _ = stop.wait_for(|s| *s) => return None,
+                    };
+                    match setup {
+                        Ok(pulls) => pulls,
+                        Err(err) => {
+                            tracing::error!(partition = self.partition, error = %format!("{err:#}"), "cannot pull the partition");
+                            if stop_after(stop, Duration::from_secs(1)).await {
+                                return None;
+                            }
+                            continue;
+                        }
                     }
-                    continue;
                 }
             };
-            loop {
+            let interrupted = loop {
                 let next = tokio::select! {
                     next = pulls.next() => next,
                     _ = stop.wait_for(|s| *s) => return Some(pulls),
                 };
                 match next {
                     Ok(message) => {
-                        if tx.send(message).await.is_err() {
+                        if let Err(unsent) = tx.send(message).await {
+                            let _ = unsent.0.ack_with(AckKind::Nak(None)).await;
                             return Some(pulls);
                         }
                     }
-                    Err(err @ Interrupted::ConsumerLost(_)) => {
-                        tracing::warn!(partition = self.partition, error = %err, "consumer lost, recreating it");
-                        break;
-                    }
-                    Err(err) => {
-                        tracing::debug!(partition = self.partition, error = %err, "pull interrupted");
-                        break;
-                    }
+                    Err(err) => break err,
+                }
+            };
+            match interrupted {
+                Interrupted::Reopen(why) => {
+                    tracing::warn!(partition = self.partition, error = %why, "pulling anew (consumer recreated if needed)");
+                }
+                Interrupted::Failed(why) => {
+                    tracing::debug!(partition = self.partition, error = %why, "pull interrupted; asking again");
+                    kept = Some(pulls);
                 }
             }
             if stop_after(stop, Duration::from_millis(200)).await {
-                return None;
+                return kept;
             }
         }
-        None
     }
 
     /// Keeps `pin` (if any) with pull requests that can't deliver anything (`max_bytes` 1) until `done` ends, then

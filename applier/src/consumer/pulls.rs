@@ -16,10 +16,11 @@ use super::GROUP;
 /// Why pulling stopped.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum Interrupted {
-    /// The consumer was deleted (or replaced by a push consumer): recreate it.
+    /// The consumer was deleted (or replaced by a push consumer), or the connection closed for good: open anew.
     #[error("the consumer is gone: {0}")]
-    ConsumerLost(String),
-    /// Anything else (no responders, a closed connection, a request the server refuses): pull anew later.
+    Reopen(String),
+    /// Anything else (no responders during an election, a request the server refuses): ask again later, keeping
+    /// the open requests and the pin.
     #[error("{0}")]
     Failed(String),
 }
@@ -47,6 +48,9 @@ pub(super) struct Pulls {
     last_heard: Instant,
     /// The pin the server gave us (`Nats-Pin-Id`), sent with every request.
     pub(super) pin: Option<String>,
+    /// A request `owed` no longer counts may be open (a heartbeat was missed: a busy server, a reconnect): the
+    /// drain then ends on silence only.
+    doubtful: bool,
 }
 
 impl Pulls {
@@ -81,6 +85,7 @@ impl Pulls {
             last_request: Instant::now(),
             last_heard: Instant::now(),
             pin: None,
+            doubtful: false,
         })
     }
 
@@ -101,29 +106,37 @@ impl Pulls {
                         return Ok(message);
                     }
                 }
-                Ok(None) => return Err(Interrupted::Failed("the connection closed".into())),
+                Ok(None) => return Err(Interrupted::Reopen("the connection closed".into())),
                 Err(_) => {
                     tracing::debug!(subject = %self.subject, "no heartbeat from the pull request; asking again");
                     self.owed = 0;
+                    self.doubtful = true;
                 }
             }
         }
     }
 
-    /// Stops asking and reads until every open request has ended (or could have: `expires` after the last one);
-    /// returns what arrived meanwhile, for the caller to hand back, and the pin.
+    /// Stops asking and reads until every open request has ended: `owed` is down to zero, or the inbox has been
+    /// silent for twice the heartbeat (every open request beats), at most three times `expires`. Returns what
+    /// arrived meanwhile, for the caller to hand back, and the pin.
     pub(super) async fn drain(mut self) -> (Vec<jetstream::Message>, Option<String>) {
-        let expires = self.request.expires.unwrap_or_default();
-        let deadline = self.last_request + expires + DRAIN_SLACK;
+        let quiet = self.request.idle_heartbeat * 2;
+        let cap = Instant::now() + self.request.expires.unwrap_or_default() * 3;
         let mut drained = Vec::new();
-        while self.owed > 0 {
-            let Ok(Some(reply)) = tokio::time::timeout_at(deadline, self.replies.next()).await
-            else {
-                break;
-            };
-            match self.settle(reply) {
-                Ok(Some(message)) => drained.push(message),
-                Ok(None) => {}
+        while self.owed > 0 || self.doubtful {
+            let until = (Instant::now() + quiet).min(cap);
+            match tokio::time::timeout_at(until, self.replies.next()).await {
+                Ok(Some(reply)) => match self.settle(reply) {
+                    Ok(Some(message)) => drained.push(message),
+                    Ok(None) => {}
+                    Err(_) => break,
+                },
+                Ok(None) => break,
+                // Silence while disconnected proves nothing: replies may come once the connection is back.
+                Err(_)
+                    if Instant::now() < cap
+                        && self.client.connection_state()
+                            != async_nats::connection::State::Connected => {}
                 Err(_) => break,
             }
         }
@@ -178,7 +191,7 @@ impl Pulls {
             StatusCode::REQUEST_TERMINATED
                 if why.contains("Consumer Deleted") || why.contains("push based") =>
             {
-                return Err(Interrupted::ConsumerLost(why));
+                return Err(Interrupted::Reopen(why));
             }
             // A request the server will refuse every time: asking again at once would only spin.
             StatusCode::REQUEST_TERMINATED if why.starts_with("Exceeded MaxRequest") => {
@@ -198,6 +211,3 @@ impl Pulls {
         Ok(None)
     }
 }
-
-/// How long past a request's expiry the server's closing status may take to arrive.
-const DRAIN_SLACK: Duration = Duration::from_millis(300);

@@ -275,7 +275,7 @@ async fn within_its_second_a_snapshot_beats_the_creation_and_yields_to_a_change(
             read_at: 500,
             object: &object,
         }
-        .event("2026-07-29.dahlia")
+        .event("2026-07-29.dahlia", false)
     };
     let db = &db;
     let email = |id: &'static str| async move {

@@ -330,5 +330,5 @@ fn read_at(object: &Value, second: i64) -> Value {
         read_at: second,
         object,
     }
-    .event("2026-07-29.dahlia")
+    .event("2026-07-29.dahlia", false)
 }

@@ -15,7 +15,8 @@ fn customer(id: &str, created: i64, email: &str) -> Value {
 async fn reconcile_finds_a_change_an_addition_and_a_deletion_stripe_sent_no_event_for() {
     let fake = fake(&[]).await;
     let now = stripe::now();
-    for i in 0..5 {
+    // More than a page (100): the walk pages with `starting_after`.
+    for i in 0..105 {
         fake.put(
             PLATFORM,
             &customer(&format!("cus_r{i}"), now - 1000 + i, "old@example.com"),
@@ -30,13 +31,16 @@ async fn reconcile_finds_a_change_an_addition_and_a_deletion_stripe_sent_no_even
     stripe_sync_applier::commands::backfill(&env.settings(), &options)
         .await
         .unwrap();
-    env.wait_count("select count(*) from stripe.customers", 5)
+    env.wait_count("select count(*) from stripe.customers", 105)
         .await;
 
     // At Stripe, with no event: one customer changed, one deleted, one created.
     fake.put(PLATFORM, &customer("cus_r1", now - 999, "new@example.com"));
     fake.remove(PLATFORM, "customer", "cus_r3");
-    fake.put(PLATFORM, &customer("cus_r9", now - 10, "added@example.com"));
+    fake.put(
+        PLATFORM,
+        &customer("cus_new", now - 10, "added@example.com"),
+    );
 
     let report = stripe_sync_applier::commands::reconcile(&env.settings(), &["customers".into()])
         .await
@@ -49,9 +53,10 @@ async fn reconcile_finds_a_change_an_addition_and_a_deletion_stripe_sent_no_even
             drift.listed,
             drift.changed,
             drift.added,
-            drift.deleted
+            drift.deleted,
+            drift.unlisted
         ),
-        ("customers", 5, 1, 1, 1),
+        ("customers", 105, 1, 1, 1, 0),
         "{report}"
     );
     env.wait_count(
@@ -65,7 +70,7 @@ async fn reconcile_finds_a_change_an_addition_and_a_deletion_stripe_sent_no_even
     )
     .await;
     env.wait_count(
-        "select count(*) from stripe.customers where id = 'cus_r9' and not deleted",
+        "select count(*) from stripe.customers where id = 'cus_new' and not deleted",
         1,
     )
     .await;
@@ -80,7 +85,7 @@ async fn reconcile_finds_a_change_an_addition_and_a_deletion_stripe_sent_no_even
     .unwrap();
     assert_eq!(
         recorded,
-        (5, 1, 1, 1),
+        (105, 1, 1, 1),
         "the drift is recorded per run and table"
     );
     assert_eq!(
@@ -95,7 +100,11 @@ async fn reconcile_finds_a_change_an_addition_and_a_deletion_stripe_sent_no_even
         .await
         .unwrap();
     assert_eq!(again.tables[0].total(), 0, "{again}");
-    assert_eq!(again.tables[0].listed, 5, "{again}");
+    assert_eq!(again.tables[0].listed, 105, "{again}");
+    assert_eq!(
+        again.tables[0].unlisted, 0,
+        "every row was seen in the list: none read by id ({again})"
+    );
     applier.stop().await;
 }
 
@@ -125,9 +134,44 @@ async fn the_scheduled_reconcile_marks_an_object_deleted_without_an_event_as_del
         1,
     )
     .await;
-    let runs: i64 = env
-        .scalar("select count(*) from stripe.reconcile_tables where table_name = 'customers' and deleted = 1")
-        .await;
-    assert!(runs >= 1, "a scheduled run recorded the deletion");
+    env.wait_count_at_least(
+        "select count(*) from stripe.reconcile_tables where table_name = 'customers' and deleted = 1",
+        1,
+    )
+    .await;
+    applier.stop().await;
+}
+
+#[tokio::test]
+async fn objects_without_a_mode_of_their_own_are_reconciled_in_the_keys_mode() {
+    let fake = fake(&[]).await;
+    // Stripe's files carry no `livemode`.
+    let mut file = with("file", "file_r1", stripe::now() - 100, json!({}));
+    file.as_object_mut().unwrap().remove("livemode");
+    fake.put(PLATFORM, &file);
+    let env = test_env(&fake, &[]).await;
+    let applier = env.start_applier().await;
+    let objects = vec!["files".to_owned()];
+    let options = stripe_sync_applier::backfill::Options {
+        objects: objects.clone(),
+        ..Default::default()
+    };
+    stripe_sync_applier::commands::backfill(&env.settings(), &options)
+        .await
+        .unwrap();
+    env.wait_count(
+        "select count(*) from stripe.files where id = 'file_r1' and not livemode",
+        1,
+    )
+    .await;
+    let report = stripe_sync_applier::commands::reconcile(&env.settings(), &objects)
+        .await
+        .unwrap();
+    let drift = &report.tables[0];
+    assert_eq!(
+        (drift.listed, drift.total(), drift.unlisted),
+        (1, 0, 0),
+        "listed, equal, and not read again by id: {report}"
+    );
     applier.stop().await;
 }
