@@ -206,7 +206,7 @@ impl StripeClient {
             if let Some(account) = account {
                 request = request.header("Stripe-Account", account);
             }
-            match self.send(request).await {
+            match self.send(endpoint, request).await {
                 Ok(value) => return Ok(value),
                 Err(Err(err)) => return Err(err),
                 Err(Ok(reason)) => last = reason,
@@ -265,13 +265,18 @@ impl StripeClient {
     /// One attempt: the object, or `Err(Ok(reason))` to retry, or `Err(Err(error))` to stop.
     async fn send(
         &self,
+        endpoint: &str,
         request: reqwest::RequestBuilder,
     ) -> Result<Value, Result<String, ApiError>> {
-        let response = request
-            .send()
-            .await
-            .map_err(|e| Ok(format!("request failed: {e}")))?;
+        use stripe_sync_shared::metrics::names;
+        let response = request.send().await.map_err(|e| {
+            metrics::counter!(names::STRIPE_REQUESTS, "endpoint" => endpoint.to_owned(), "status" => "error")
+                .increment(1);
+            Ok(format!("request failed: {e}"))
+        })?;
         let status = response.status().as_u16();
+        metrics::counter!(names::STRIPE_REQUESTS, "endpoint" => endpoint.to_owned(), "status" => status.to_string())
+            .increment(1);
         let header = |name: &str| {
             response
                 .headers()
@@ -293,6 +298,13 @@ impl StripeClient {
                 .unwrap_or_default()
                 .to_owned()
         };
+        if status == 429 {
+            let why = reason.clone().unwrap_or_else(|| match text("code") {
+                code if code.is_empty() => "unknown".to_owned(),
+                code => code,
+            });
+            metrics::counter!(names::RATE_LIMITED, "reason" => why).increment(1);
+        }
         match classify(status, should_retry, &text("code"), reason.as_deref()) {
             Outcome::Done => match json {
                 Some(value) if value.is_object() => Ok(value),

@@ -148,6 +148,7 @@ impl Applier {
         events: &[Incoming],
         mode: Mode,
     ) -> Result<Report, ApplyError> {
+        let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;
         let all: Vec<&Incoming> = events.iter().collect();
         let inserted = store::insert_events(&mut tx, &all, &self.platform_account).await?;
@@ -212,11 +213,18 @@ impl Applier {
                 Vec::new()
             }
         };
+        // Rows written and stale per object type (an event's own row, and its embedded lists' rows by their type).
+        let mut counts: Vec<(&str, usize, usize)> = Vec::with_capacity(plan.tables.len());
         for table in &plan.tables {
             for round in &table.rounds {
                 let written = store::upsert_rows(&mut tx, statements, table.index, round).await?;
                 report.rows_written += written.len();
                 report.rows_stale += round.len() - written.len();
+                counts.push((
+                    &table.spec.object_type,
+                    written.len(),
+                    round.len() - written.len(),
+                ));
                 let mut ties: Vec<(String, bool, String)> = written
                     .iter()
                     .filter(|w| w.ambiguous)
@@ -251,7 +259,44 @@ impl Applier {
             crate::hydrate::queue(&mut tx, &asks, policy.settle).await?;
         }
         tx.commit().await?;
+        record(events, &new, &counts, started);
         Ok(report)
+    }
+}
+
+/// The metrics of a committed batch: its size and time, each new event's age, rows by outcome and duplicates.
+fn record(
+    events: &[Incoming],
+    new: &[&Incoming],
+    counts: &[(&str, usize, usize)],
+    started: std::time::Instant,
+) {
+    use stripe_sync_shared::metrics::names;
+    metrics::histogram!(names::BATCH_SIZE).record(events.len() as f64);
+    metrics::histogram!(names::APPLY_DURATION).record(started.elapsed().as_secs_f64());
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let age = metrics::histogram!(names::EVENT_AGE);
+    for event in new {
+        age.record((now - event.created).max(0) as f64);
+    }
+    for (object_type, written, stale) in counts {
+        for (outcome, n) in [("applied", written), ("stale", stale)] {
+            if *n > 0 {
+                metrics::counter!(names::EVENTS_APPLIED, "object_type" => object_type.to_string(), "outcome" => outcome)
+                    .increment(*n as u64);
+            }
+        }
+    }
+    if new.len() < events.len() {
+        let fresh: HashSet<*const Incoming> = new.iter().map(|e| std::ptr::from_ref(*e)).collect();
+        for event in events
+            .iter()
+            .filter(|e| !fresh.contains(&std::ptr::from_ref(*e)))
+        {
+            let object_type = event.object_type.clone().unwrap_or_else(|| "none".into());
+            metrics::counter!(names::EVENTS_APPLIED, "object_type" => object_type, "outcome" => "duplicate")
+                .increment(1);
+        }
     }
 }
 

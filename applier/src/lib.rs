@@ -23,6 +23,7 @@ pub mod hydrate;
 pub mod membership;
 pub mod migrate;
 pub mod plan;
+pub mod probes;
 pub mod reconcile;
 pub mod recover;
 pub mod registry;

@@ -214,6 +214,21 @@ impl Reconcile {
             {
                 continue;
             }
+            // Connected accounts themselves: each row is its own account's (`account_field`), not the platform's.
+            if spec
+                .list
+                .as_ref()
+                .is_some_and(|l| l.account_field.is_some())
+            {
+                report.tables.push(Drift {
+                    table: spec.table.clone(),
+                    skipped: Some(
+                        "rows of connected accounts are not reconciled yet: use `sync`".into(),
+                    ),
+                    ..Drift::default()
+                });
+                continue;
+            }
             let drift = self.table(run, spec).await;
             if let Some(why) = &drift.error
                 && why.starts_with("unauthorized")
@@ -259,23 +274,24 @@ impl Reconcile {
             ..Drift::default()
         };
         let outcome = self.walk(run, spec, &mut drift).await;
-        let error = match outcome {
-            Ok(()) => None,
+        match outcome {
+            Ok(()) => {}
             Err(Failure::Api(err @ ApiError::Unauthorized { .. })) => {
-                Some(format!("unauthorized: {err}"))
+                drift.error = Some(format!("unauthorized: {err}"));
             }
-            Err(Failure::Unauthorized(why)) => Some(format!("unauthorized: {why}")),
+            Err(Failure::Unauthorized(why)) => drift.error = Some(format!("unauthorized: {why}")),
             Err(Failure::Api(ApiError::Refused {
                 status, message, ..
-            })) if drift.listed == 0 && matches!(status, 400 | 403 | 404) => Some(format!(
-                "skipped, the account can't list it ({status}: {message})"
-            )),
-            Err(err) => Some(err.to_string()),
-        };
-        if let Some(why) = &error {
+            })) if drift.listed == 0 && matches!(status, 400 | 403 | 404) => {
+                drift.skipped = Some(format!("the account can't list it ({status}: {message})"));
+            }
+            Err(err) => drift.error = Some(err.to_string()),
+        }
+        if let Some(why) = drift.error.as_ref().or(drift.skipped.as_ref()) {
             tracing::warn!(table = %spec.table, %why, "table not reconciled");
         }
-        drift.error = error;
+        metrics::gauge!(stripe_sync_shared::metrics::names::RECONCILE_DRIFT, "table" => spec.table.clone())
+            .set(drift.total() as f64);
         let recorded = sqlx::query(
             "insert into stripe.reconcile_tables \
                (run_id, table_name, listed, changed, added, deleted, unlisted, unreadable, skipped, error, finished_at) \

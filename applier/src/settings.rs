@@ -8,7 +8,8 @@ use secrecy::SecretString;
 use serde::Deserialize;
 use stripe_sync_shared::ConfigError;
 use stripe_sync_shared::settings::{
-    self, NatsSettings, PlainEnv, StreamSettings, TelemetrySettings, positive_duration,
+    self, MetricsSettings, NatsSettings, PlainEnv, StreamSettings, TelemetrySettings,
+    positive_duration,
 };
 
 /// Plain environment names the applier honours, besides the shared ones.
@@ -49,6 +50,8 @@ pub struct Settings {
     pub admin: AdminSettings,
     /// Comparing the tables with Stripe's API, on a schedule (`reconcile`).
     pub reconcile: ReconcileSettings,
+    /// The metrics listener (`METRICS_PORT`).
+    pub metrics: MetricsSettings,
     /// NATS connection.
     pub nats: NatsSettings,
     /// Events stream and dead-letter stream.

@@ -117,6 +117,8 @@ pub struct Application {
     hydrator: Option<Hydrator>,
     /// The scheduled reconcile, when `STRIPE_API_KEY` and `reconcile.interval` are set.
     reconcile: Option<(Reconcile, std::time::Duration)>,
+    /// The metrics and probes listener.
+    probes: tokio::net::TcpListener,
 }
 
 impl Application {
@@ -132,6 +134,10 @@ impl Application {
             })
             .await?;
         }
+        let address = format!("{}:{}", settings.metrics.host, settings.metrics.port);
+        let probes = tokio::net::TcpListener::bind(&address)
+            .await
+            .with_context(|| format!("binding the metrics listener on {address}"))?;
         let admin = match &settings.admin.token {
             Some(_) => {
                 let address = format!("{}:{}", settings.admin.host, settings.admin.port);
@@ -203,6 +209,7 @@ impl Application {
             admin,
             hydrator,
             reconcile,
+            probes,
         })
     }
 
@@ -212,6 +219,11 @@ impl Application {
             .as_ref()
             .and_then(|l| l.local_addr().ok())
             .map(|a| a.port())
+    }
+
+    /// The metrics and probes listener's port.
+    pub fn metrics_port(&self) -> u16 {
+        self.probes.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
     /// This applier's id among the appliers.
@@ -233,6 +245,7 @@ impl Application {
             admin,
             hydrator,
             reconcile,
+            probes,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         if let (Some(listener), Some(token)) = (admin, shared.settings.admin.token.clone()) {
@@ -254,6 +267,21 @@ impl Application {
                     .await;
                 if let Err(err) = served {
                     tracing::warn!(error = %err, "the admin listener stopped");
+                }
+            });
+        }
+        {
+            let router =
+                crate::probes::router(shared.client.clone(), shared.applier.pool().clone());
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                let served = axum::serve(probes, router)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await;
+                if let Err(err) = served {
+                    tracing::warn!(error = %err, "the metrics listener stopped");
                 }
             });
         }

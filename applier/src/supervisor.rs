@@ -85,12 +85,42 @@ impl Shared {
         let _ = running.worker.await;
         let _ = running.release.send(());
         let _ = running.pump.await;
+        // Its lag is the next owner's to report now.
+        metrics::gauge!(stripe_sync_shared::metrics::names::PARTITION_LAG, "partition" => partition.to_string())
+            .set(0.0);
         tracing::info!(partition, "handed the partition over");
     }
 }
 
 /// How often the membership is read and the partitions reconciled.
 const TICK: Duration = Duration::from_millis(500);
+
+/// How often the lag and dead-letter gauges are read from JetStream.
+const GAUGES_EVERY: Duration = Duration::from_secs(5);
+
+/// Sets the gauges read from JetStream: each owned partition's pending count, and the dead letter's size. Run as
+/// its own task: a slow NATS must never hold up the membership heartbeat.
+fn read_gauges(shared: &Shared, owned: Vec<u32>) -> tokio::task::JoinHandle<()> {
+    use stripe_sync_shared::metrics::names;
+    let (stream, client) = (shared.stream.clone(), shared.client.clone());
+    let (applier, dlq_name) = (
+        shared.settings.applier.clone(),
+        shared.settings.stream.dlq_name.clone(),
+    );
+    tokio::spawn(async move {
+        for partition in owned {
+            let name = crate::consumer::consumer_name(&applier, partition);
+            if let Ok(info) = stream.consumer_info(&name).await {
+                metrics::gauge!(names::PARTITION_LAG, "partition" => partition.to_string())
+                    .set(info.num_pending as f64);
+            }
+        }
+        let js = async_nats::jetstream::new(client);
+        if let Ok(dlq) = js.get_stream(&dlq_name).await {
+            metrics::gauge!(names::DEAD_LETTERS).set(dlq.cached_info().state.messages as f64);
+        }
+    })
+}
 
 /// Works the partitions the membership deals this applier until `stop` turns true, then hands all of them over
 /// and leaves the membership.
@@ -99,6 +129,8 @@ pub async fn run(shared: Shared, membership: Membership, mut stop: watch::Receiv
     let mut tick = tokio::time::interval(TICK);
     let heartbeat_every = shared.settings.applier.member_ttl / 3;
     let mut last_heartbeat = tokio::time::Instant::now();
+    let mut last_gauges: Option<tokio::time::Instant> = None;
+    let mut gauges: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
@@ -146,6 +178,16 @@ pub async fn run(shared: Shared, membership: Membership, mut stop: watch::Receiv
                 shared.stop(p, task).await;
             }
             running.entry(p).or_insert_with(|| shared.start(p));
+        }
+        metrics::gauge!(stripe_sync_shared::metrics::names::PARTITIONS_OWNED)
+            .set(running.len() as f64);
+        if last_gauges.is_none_or(|t| t.elapsed() >= GAUGES_EVERY)
+            && gauges
+                .as_ref()
+                .is_none_or(tokio::task::JoinHandle::is_finished)
+        {
+            gauges = Some(read_gauges(&shared, running.keys().copied().collect()));
+            last_gauges = Some(tokio::time::Instant::now());
         }
     }
     tracing::info!("stopping: finishing the batches in hand");

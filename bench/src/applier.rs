@@ -87,6 +87,7 @@ pub(crate) fn applier_env(
 ) -> HashMap<String, String> {
     HashMap::from([
         ("NATS_URL".into(), nats.url()),
+        ("METRICS_PORT".into(), "0".into()),
         ("DATABASE_URL".into(), db.url().to_owned()),
         ("STRIPE_SYNC__STREAM__NAME".into(), stream.into()),
         (

@@ -126,6 +126,7 @@ pub(crate) async fn latency(
     let stream_name = unique_name("BENCH_HYDRATE");
     let env: HashMap<String, String> = HashMap::from([
         ("NATS_URL".into(), nats.url()),
+        ("METRICS_PORT".into(), "0".into()),
         ("DATABASE_URL".into(), db.url().to_owned()),
         ("STRIPE_API_KEY".into(), KEY.into()),
         ("STRIPE_API_BASE".into(), fake.base().to_owned()),

@@ -113,6 +113,7 @@ async fn jetstream_only(
 pub(crate) fn ingest_env(nats: &TestNats, stream: &str, port: u16) -> HashMap<String, String> {
     HashMap::from([
         ("NATS_URL".into(), nats.url()),
+        ("METRICS_PORT".into(), "0".into()),
         ("PORT".into(), port.to_string()),
         ("STRIPE_SYNC__HTTP__HOST".into(), "127.0.0.1".into()),
         ("STRIPE_WEBHOOK_SECRET".into(), SECRET.into()),

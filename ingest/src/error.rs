@@ -37,7 +37,8 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    fn status_and_code(&self) -> (StatusCode, &'static str) {
+    /// The HTTP status and the short code the body (and the `outcome` of the webhooks metric) names.
+    pub(crate) fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             Self::Signature(SignatureError::Missing) => {
                 (StatusCode::BAD_REQUEST, "signature_missing")

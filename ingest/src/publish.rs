@@ -147,10 +147,14 @@ impl Publisher {
                 .map_err(|e| PublishError::Failed(e.to_string()))?;
             ack.await.map_err(|e| PublishError::Failed(e.to_string()))
         };
-        match tokio::time::timeout(self.timeout, publish).await {
+        let started = std::time::Instant::now();
+        let result = match tokio::time::timeout(self.timeout, publish).await {
             Ok(result) => result,
             Err(_) => Err(PublishError::Timeout(self.timeout)),
-        }
+        };
+        metrics::histogram!(stripe_sync_shared::metrics::names::PUBLISH_DURATION)
+            .record(started.elapsed().as_secs_f64());
+        result
     }
 
     /// Sends everything still buffered to the server (at shutdown), waiting at most `timeout`; at once when not

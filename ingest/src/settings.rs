@@ -6,7 +6,8 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde::Deserialize;
 use stripe_sync_shared::settings::{
-    self, NatsSettings, PlainEnv, StreamSettings, TelemetrySettings, comma_separated,
+    self, MetricsSettings, NatsSettings, PlainEnv, StreamSettings, TelemetrySettings,
+    comma_separated,
 };
 
 /// Plain environment names ingest honours, besides the shared ones.
@@ -37,6 +38,8 @@ pub struct Settings {
     pub http: HttpSettings,
     /// Webhook verification.
     pub webhook: WebhookSettings,
+    /// The metrics listener (`METRICS_PORT`).
+    pub metrics: MetricsSettings,
     /// NATS connection.
     pub nats: NatsSettings,
     /// Events stream.

@@ -21,6 +21,7 @@ const HEADER_ALLOWANCE: usize = 16 * 1024;
 #[derive(Debug)]
 pub struct Application {
     listener: TcpListener,
+    metrics: TcpListener,
     state: AppState,
     settings: Settings,
 }
@@ -33,8 +34,13 @@ impl Application {
         let listener = TcpListener::bind(&address)
             .await
             .with_context(|| format!("binding {address}"))?;
+        let address = format!("{}:{}", settings.metrics.host, settings.metrics.port);
+        let metrics = TcpListener::bind(&address)
+            .await
+            .with_context(|| format!("binding the metrics listener on {address}"))?;
         Ok(Self {
             listener,
+            metrics,
             state,
             settings,
         })
@@ -43,6 +49,11 @@ impl Application {
     /// The bound port (useful with port 0).
     pub fn port(&self) -> u16 {
         self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// The metrics listener's port.
+    pub fn metrics_port(&self) -> u16 {
+        self.metrics.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish their publishes
@@ -54,6 +65,7 @@ impl Application {
     ) -> anyhow::Result<()> {
         let Self {
             listener,
+            metrics,
             state,
             settings,
         } = self;
@@ -86,6 +98,17 @@ impl Application {
             })
         };
         let server = tokio::spawn(async move { server.await });
+        let metrics = {
+            let mut stop_rx = stop_rx.clone();
+            axum::serve(metrics, routes::metrics_router()).with_graceful_shutdown(async move {
+                let _ = stop_rx.wait_for(|stop| *stop).await;
+            })
+        };
+        tokio::spawn(async move {
+            if let Err(err) = metrics.await {
+                tracing::warn!(error = %err, "the metrics listener stopped");
+            }
+        });
         tracing::info!(port = settings.http.port, "ingest listening");
 
         let outcome = tokio::select! {

@@ -2,6 +2,7 @@
 //! binaries read), subject and header names, NATS/JetStream setup, telemetry and the shutdown signal.
 
 pub mod event_head;
+pub mod metrics;
 pub use config::ConfigError;
 pub mod nats;
 pub mod settings;

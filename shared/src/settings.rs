@@ -40,6 +40,10 @@ pub const SHARED_PLAIN_ENV: &[PlainEnv] = &[
         key: "telemetry.filter",
     },
     PlainEnv {
+        var: "METRICS_PORT",
+        key: "metrics.port",
+    },
+    PlainEnv {
         var: "OTEL_EXPORTER_OTLP_ENDPOINT",
         key: "telemetry.otlp_endpoint",
     },
@@ -161,6 +165,25 @@ impl Default for StreamSettings {
             replicas: 1,
             dlq_name: "STRIPE_EVENTS_DLQ".into(),
             dlq_max_age: Duration::from_secs(365 * 24 * 3600),
+        }
+    }
+}
+
+/// The metrics listener: `GET /metrics` (Prometheus), and on the applier `/healthz` and `/readyz` too.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Address to bind.
+    pub host: String,
+    /// Port (`METRICS_PORT`); 0 picks a free one.
+    pub port: u16,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self {
+            host: "0.0.0.0".into(),
+            port: 9464,
         }
     }
 }

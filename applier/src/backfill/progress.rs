@@ -55,6 +55,7 @@ impl Counts {
 impl Progress {
     /// `n` objects of `kind` published.
     pub fn add(&self, kind: &str, n: u64) {
+        metrics::counter!(stripe_sync_shared::metrics::names::BACKFILL_OBJECTS).increment(n);
         if let Ok(mut counts) = self.inner.lock() {
             *counts.by_type.entry(kind.to_owned()).or_default() += n;
         }

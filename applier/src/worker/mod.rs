@@ -202,6 +202,17 @@ impl<W: Writer + 'static, L: DeadLetters> Worker<W, L> {
                 match published {
                     Ok(()) => {
                         tracing::error!(parent: &h.span, error = %h.last_error, attempts = h.tries.attempts, "event dead-lettered: an operator must look at it (stripe-sync-applier dlq list)");
+                        let object_type = h
+                            .message
+                            .headers()
+                            .and_then(|m| m.get(stripe_sync_shared::subjects::HEADER_OBJECT_TYPE))
+                            .map_or_else(|| "none".to_owned(), ToString::to_string);
+                        metrics::counter!(
+                            stripe_sync_shared::metrics::names::EVENTS_APPLIED,
+                            "object_type" => object_type,
+                            "outcome" => "dead_lettered"
+                        )
+                        .increment(1);
                         h.message.ack(AckKind::Ack).await;
                         state.held.remove(&seq);
                     }

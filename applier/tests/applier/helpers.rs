@@ -80,6 +80,8 @@ impl Drop for ChildGuard {
 pub(crate) struct Running {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// The metrics and probes listener's port.
+    pub metrics_port: u16,
 }
 
 impl Running {
@@ -124,6 +126,7 @@ impl TestEnv {
         let stream_name = unique_name("EVENTS");
         let mut env: HashMap<String, String> = HashMap::from([
             ("NATS_URL".into(), nats.url()),
+            ("METRICS_PORT".into(), "0".into()),
             ("DATABASE_URL".into(), db.url().to_owned()),
             ("STRIPE_WEBHOOK_SECRET".into(), stripe::SECRET.into()),
             ("PORT".into(), "0".into()),
@@ -175,6 +178,7 @@ impl TestEnv {
         let app = stripe_sync_applier::startup::Application::build(settings)
             .await
             .expect("applier builds");
+        let metrics_port = app.metrics_port();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until_stopped(async move {
             let _ = rx.await;
@@ -182,6 +186,7 @@ impl TestEnv {
         Running {
             stop: Some(tx),
             task,
+            metrics_port,
         }
     }
 
@@ -189,12 +194,21 @@ impl TestEnv {
     pub(crate) async fn start_ingest(
         &self,
     ) -> (String, tokio::task::JoinHandle<anyhow::Result<()>>) {
+        let (base, _, task) = self.start_ingest_with_metrics().await;
+        (base, task)
+    }
+
+    /// [`TestEnv::start_ingest`], with the base URL of its metrics listener too.
+    pub(crate) async fn start_ingest_with_metrics(
+        &self,
+    ) -> (String, String, tokio::task::JoinHandle<anyhow::Result<()>>) {
         let settings =
             stripe_sync_ingest::settings::Settings::load_from(&self.env).expect("ingest settings");
         let app = stripe_sync_ingest::startup::Application::build(settings)
             .await
             .expect("ingest");
         let base = format!("http://127.0.0.1:{}", app.port());
+        let metrics = format!("http://127.0.0.1:{}", app.metrics_port());
         let task = tokio::spawn(app.run_until(std::future::pending()));
         let http = reqwest::Client::new();
         eventually(PATIENCE, "ingest ready", || async {
@@ -206,7 +220,7 @@ impl TestEnv {
                 .map(|_| ())
         })
         .await;
-        (base, task)
+        (base, metrics, task)
     }
 
     /// A JetStream context of the test's own (one connection, reused; it reconnects after a NATS restart).

@@ -1,4 +1,4 @@
-//! Liveness and readiness probes.
+//! Liveness and readiness probes, and the metrics.
 
 use axum::Json;
 use axum::extract::State;
@@ -6,6 +6,17 @@ use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use super::AppState;
+
+/// Prometheus's scrape.
+pub(super) async fn metrics() -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            stripe_sync_shared::metrics::CONTENT_TYPE,
+        )],
+        stripe_sync_shared::metrics::render(),
+    )
+}
 
 /// The process is up.
 pub(super) async fn healthz() -> Json<Value> {

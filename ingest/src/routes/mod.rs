@@ -1,4 +1,5 @@
-//! The HTTP surface: `POST /webhooks[/<endpoint>]`, `GET /healthz`, `GET /readyz`.
+//! The HTTP surface: `POST /webhooks[/<endpoint>]`, `GET /healthz`, `GET /readyz`; on the metrics port `GET
+//! /metrics`.
 
 mod health;
 mod webhooks;
@@ -27,6 +28,11 @@ pub struct AppState {
     pub publisher: Publisher,
     /// Largest accepted body.
     pub body_limit: usize,
+}
+
+/// The metrics listener's router: `GET /metrics` (its own port, never the webhook port).
+pub fn metrics_router() -> Router {
+    Router::new().route("/metrics", get(health::metrics))
 }
 
 /// The application's router.

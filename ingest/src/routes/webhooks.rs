@@ -9,6 +9,7 @@ use axum::http::{HeaderMap, StatusCode};
 use bytes::Bytes;
 use serde_json::{Value, json};
 use stripe_sync_shared::event_head::RoutingHead;
+use stripe_sync_shared::metrics::names;
 
 use super::{AppState, DEFAULT_ENDPOINT};
 use crate::error::ApiError;
@@ -34,17 +35,42 @@ pub(super) async fn receive_named(
     receive(&state, &endpoint, &headers, body).await
 }
 
-#[tracing::instrument(
-    name = "webhook",
-    skip_all,
-    fields(endpoint, event_id, event_type, stream_seq)
-)]
+/// Counts every answer by endpoint (a name no endpoint has counts as `unknown`: the path is the caller's) and
+/// outcome, and times it.
 async fn receive(
     state: &AppState,
     endpoint: &str,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let started = std::time::Instant::now();
+    let answer = handle(state, endpoint, headers, body).await;
+    let outcome = match &answer {
+        Ok((_, true)) => "duplicate",
+        Ok((_, false)) => "stored",
+        Err(err) => err.status_and_code().1,
+    };
+    let endpoint = if state.endpoints.contains_key(endpoint) {
+        endpoint.to_owned()
+    } else {
+        "unknown".to_owned()
+    };
+    metrics::counter!(names::WEBHOOKS, "endpoint" => endpoint, "outcome" => outcome).increment(1);
+    metrics::histogram!(names::WEBHOOK_DURATION).record(started.elapsed().as_secs_f64());
+    answer.map(|(json, _)| json)
+}
+
+#[tracing::instrument(
+    name = "webhook",
+    skip_all,
+    fields(endpoint, event_id, event_type, stream_seq)
+)]
+async fn handle(
+    state: &AppState,
+    endpoint: &str,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(Json<Value>, bool), ApiError> {
     let span = tracing::Span::current();
     span.record("endpoint", endpoint);
     let verifier = state
@@ -71,8 +97,9 @@ async fn receive(
         .await?;
     span.record("stream_seq", ack.sequence);
     tracing::debug!(duplicate = ack.duplicate, "event stored");
-    Ok(Json(
-        json!({ "received": true, "id": head.id, "duplicate": ack.duplicate }),
+    Ok((
+        Json(json!({ "received": true, "id": head.id, "duplicate": ack.duplicate })),
+        ack.duplicate,
     ))
 }
 

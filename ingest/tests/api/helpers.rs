@@ -31,6 +31,7 @@ pub(crate) async fn spawn_app_with(extra_env: &[(&str, &str)]) -> TestApp {
     let stream_name = unique_name("EVENTS");
     let mut env: HashMap<String, String> = HashMap::from([
         ("NATS_URL".into(), nats.url()),
+        ("METRICS_PORT".into(), "0".into()),
         ("PORT".into(), "0".into()),
         ("STRIPE_WEBHOOK_SECRET".into(), stripe::SECRET.into()),
         ("STRIPE_SYNC__HTTP__HOST".into(), "127.0.0.1".into()),

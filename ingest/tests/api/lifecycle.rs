@@ -36,6 +36,7 @@ async fn the_binary_exits_0_on_sigterm_after_serving() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_stripe-sync-ingest"))
         .env("NATS_URL", nats.url())
         .env("PORT", port.to_string())
+        .env("METRICS_PORT", "0")
         .env("STRIPE_WEBHOOK_SECRET", stripe::SECRET)
         .env("STRIPE_SYNC__STREAM__NAME", unique_name("EVENTS"))
         .stdout(Stdio::null())
@@ -94,6 +95,7 @@ async fn ingest_starts_while_nats_is_down_and_becomes_ready_when_it_appears() {
     let env = std::collections::HashMap::from([
         ("NATS_URL".to_owned(), nats.url()),
         ("PORT".to_owned(), "0".to_owned()),
+        ("METRICS_PORT".to_owned(), "0".to_owned()),
         (
             "STRIPE_WEBHOOK_SECRET".to_owned(),
             stripe::SECRET.to_owned(),
@@ -131,6 +133,7 @@ async fn sigterm_while_nats_is_unreachable_ends_the_process_at_once_with_status_
     let mut child = Command::new(env!("CARGO_BIN_EXE_stripe-sync-ingest"))
         .env("NATS_URL", format!("nats://127.0.0.1:{}", free_port()))
         .env("PORT", port.to_string())
+        .env("METRICS_PORT", "0")
         .env("STRIPE_WEBHOOK_SECRET", stripe::SECRET)
         .env("STRIPE_SYNC__STREAM__NAME", unique_name("EVENTS"))
         .stdout(Stdio::null())
