@@ -17,7 +17,11 @@ struct Probes {
 }
 
 /// The listener's routes.
-pub fn router(client: async_nats::Client, pool: PgPool) -> Router {
+pub fn router(client: async_nats::Client, pool: &PgPool) -> Router {
+    // A connection of its own: the workers may hold every connection of theirs, and a busy applier is still ready.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with((*pool.connect_options()).clone());
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))

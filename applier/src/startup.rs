@@ -124,6 +124,7 @@ pub struct Application {
 impl Application {
     /// Connects to Postgres and NATS, waiting for each as long as it takes (drop the future to give up).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        stripe_sync_shared::metrics::handle();
         let pool = database_pool(&settings)?;
         database_ready(&settings, &pool).await?;
         let (client, stream, topology) = connect_streams(&settings, "stripe-sync-applier").await?;
@@ -271,8 +272,7 @@ impl Application {
             });
         }
         {
-            let router =
-                crate::probes::router(shared.client.clone(), shared.applier.pool().clone());
+            let router = crate::probes::router(shared.client.clone(), shared.applier.pool());
             let mut stop = stop_rx.clone();
             tokio::spawn(async move {
                 let served = axum::serve(probes, router)
@@ -285,6 +285,7 @@ impl Application {
                 }
             });
         }
+        let upkeep = tokio::spawn(stripe_sync_shared::metrics::maintain());
         let hydrating = hydrator.map(|h| tokio::spawn(h.run(stop_rx.clone())));
         if let Some((reconcile, interval)) = reconcile {
             tokio::spawn(reconcile.every(interval, stop_rx.clone()));
@@ -316,6 +317,7 @@ impl Application {
         {
             tracing::warn!(error = %err, "flushing acks at shutdown timed out");
         }
+        upkeep.abort();
         pool.close().await;
         tracing::info!("applier stopped");
         Ok(())

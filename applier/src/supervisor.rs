@@ -98,28 +98,48 @@ const TICK: Duration = Duration::from_millis(500);
 /// How often the lag and dead-letter gauges are read from JetStream.
 const GAUGES_EVERY: Duration = Duration::from_secs(5);
 
-/// Sets the gauges read from JetStream: each owned partition's pending count, and the dead letter's size. Run as
-/// its own task: a slow NATS must never hold up the membership heartbeat.
-fn read_gauges(shared: &Shared, owned: Vec<u32>) -> tokio::task::JoinHandle<()> {
-    use stripe_sync_shared::metrics::names;
+/// What the gauge task read from JetStream: each owned partition's pending count, and the dead letter's size.
+type Read = (Vec<(u32, u64)>, Option<u64>);
+
+/// Reads the gauges' values from JetStream in a task of its own: a slow NATS must never hold up the membership
+/// heartbeat. The supervisor sets them (see [`set_gauges`]) once the task ends.
+fn read_gauges(shared: &Shared, owned: Vec<u32>) -> tokio::task::JoinHandle<Read> {
     let (stream, client) = (shared.stream.clone(), shared.client.clone());
     let (applier, dlq_name) = (
         shared.settings.applier.clone(),
         shared.settings.stream.dlq_name.clone(),
     );
     tokio::spawn(async move {
+        let mut lags = Vec::with_capacity(owned.len());
         for partition in owned {
             let name = crate::consumer::consumer_name(&applier, partition);
             if let Ok(info) = stream.consumer_info(&name).await {
-                metrics::gauge!(names::PARTITION_LAG, "partition" => partition.to_string())
-                    .set(info.num_pending as f64);
+                lags.push((partition, info.num_pending));
             }
         }
         let js = async_nats::jetstream::new(client);
-        if let Ok(dlq) = js.get_stream(&dlq_name).await {
-            metrics::gauge!(names::DEAD_LETTERS).set(dlq.cached_info().state.messages as f64);
-        }
+        let dead = js
+            .get_stream(&dlq_name)
+            .await
+            .ok()
+            .map(|dlq| dlq.cached_info().state.messages);
+        (lags, dead)
     })
+}
+
+/// Sets the gauges, each partition's only if this applier still works it (one handed over meanwhile is the next
+/// owner's to report).
+fn set_gauges((lags, dead): Read, running: &BTreeMap<u32, Partition>) {
+    use stripe_sync_shared::metrics::names;
+    for (partition, pending) in lags {
+        if running.contains_key(&partition) {
+            metrics::gauge!(names::PARTITION_LAG, "partition" => partition.to_string())
+                .set(pending as f64);
+        }
+    }
+    if let Some(dead) = dead {
+        metrics::gauge!(names::DEAD_LETTERS).set(dead as f64);
+    }
 }
 
 /// Works the partitions the membership deals this applier until `stop` turns true, then hands all of them over
@@ -130,7 +150,7 @@ pub async fn run(shared: Shared, membership: Membership, mut stop: watch::Receiv
     let heartbeat_every = shared.settings.applier.member_ttl / 3;
     let mut last_heartbeat = tokio::time::Instant::now();
     let mut last_gauges: Option<tokio::time::Instant> = None;
-    let mut gauges: Option<tokio::task::JoinHandle<()>> = None;
+    let mut gauges: Option<tokio::task::JoinHandle<Read>> = None;
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
@@ -181,11 +201,12 @@ pub async fn run(shared: Shared, membership: Membership, mut stop: watch::Receiv
         }
         metrics::gauge!(stripe_sync_shared::metrics::names::PARTITIONS_OWNED)
             .set(running.len() as f64);
-        if last_gauges.is_none_or(|t| t.elapsed() >= GAUGES_EVERY)
-            && gauges
-                .as_ref()
-                .is_none_or(tokio::task::JoinHandle::is_finished)
+        if let Some(read) = gauges.take_if(|g| g.is_finished())
+            && let Ok(read) = read.await
         {
+            set_gauges(read, &running);
+        }
+        if gauges.is_none() && last_gauges.is_none_or(|t| t.elapsed() >= GAUGES_EVERY) {
             gauges = Some(read_gauges(&shared, running.keys().copied().collect()));
             last_gauges = Some(tokio::time::Instant::now());
         }

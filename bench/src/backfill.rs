@@ -75,6 +75,7 @@ fn env(
 ) -> HashMap<String, String> {
     HashMap::from([
         ("NATS_URL".into(), nats.url()),
+        ("METRICS_PORT".into(), "0".into()),
         ("DATABASE_URL".into(), db.url().to_owned()),
         ("STRIPE_SYNC__STREAM__NAME".into(), stream.to_owned()),
         // Each run its own subjects: both runs share one NATS server.

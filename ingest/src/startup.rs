@@ -29,6 +29,7 @@ pub struct Application {
 impl Application {
     /// Binds the listener and starts connecting to NATS (in the background: NATS may be down at start).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        stripe_sync_shared::metrics::handle();
         let state = app_state(&settings).await?;
         let address = format!("{}:{}", settings.http.host, settings.http.port);
         let listener = TcpListener::bind(&address)
@@ -109,6 +110,7 @@ impl Application {
                 tracing::warn!(error = %err, "the metrics listener stopped");
             }
         });
+        let upkeep = tokio::spawn(stripe_sync_shared::metrics::maintain());
         tracing::info!(port = settings.http.port, "ingest listening");
 
         let outcome = tokio::select! {
@@ -126,6 +128,7 @@ impl Application {
         publisher
             .flush(deadline.saturating_sub(stopping.elapsed()))
             .await;
+        upkeep.abort();
         tracing::info!("ingest stopped");
         outcome
     }

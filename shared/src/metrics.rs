@@ -9,7 +9,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// The metric names.
 pub mod names {
-    /// Counter: webhook requests by `endpoint` and `outcome` (`stored`, `duplicate`, `unavailable`, or the 4xx code).
+    /// Counter: webhook requests by `endpoint` and `outcome` (`stored`, `duplicate`, `broker_unavailable`, or the
+    /// 4xx code).
     pub const WEBHOOKS: &str = "stripe_sync_webhooks_total";
     /// Histogram: a webhook request, from its body read to the answer.
     pub const WEBHOOK_DURATION: &str = "stripe_sync_webhook_duration_seconds";
@@ -85,6 +86,17 @@ pub fn handle() -> &'static PrometheusHandle {
         describe();
         handle
     })
+}
+
+/// Installs the recorder (at start, so nothing recorded before the first scrape is lost) and keeps it tidy: drains
+/// histogram samples into their buckets every 5 s, so a Prometheus that stops scraping costs no memory. Run it as a
+/// task for the process's life.
+pub async fn maintain() {
+    let handle = handle();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        handle.run_upkeep();
+    }
 }
 
 /// The metrics in Prometheus's text format.

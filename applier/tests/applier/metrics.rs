@@ -59,13 +59,7 @@ async fn both_binaries_export_metrics_that_move_as_events_flow() {
             .status();
         assert_eq!(status, 200, "the applier's {probe}");
     }
-    let before = sample(
-        &scrape(&http, &ingest_metrics).await,
-        "stripe_sync_webhooks_total",
-        &[("endpoint", "default"), ("outcome", "stored")],
-    )
-    .unwrap_or(0.0);
-    assert_eq!(before, 0.0);
+    // No scrape before the events: what happens before the first scrape counts too.
 
     let now = stripe::now();
     let events: Vec<Vec<u8>> = (0..20)
@@ -117,6 +111,16 @@ async fn both_binaries_export_metrics_that_move_as_events_flow() {
         sample(&webhooks, "stripe_sync_publish_duration_seconds_count", &[]) >= Some(21.0),
         "{webhooks}"
     );
+    for histogram in [
+        "stripe_sync_webhook_duration_seconds",
+        "stripe_sync_publish_duration_seconds",
+    ] {
+        assert!(
+            webhooks.contains(&format!("# TYPE {histogram} histogram"))
+                && webhooks.contains(&format!("{histogram}_bucket{{le=")),
+            "{histogram} is a histogram with buckets (summaries can't be aggregated): {webhooks}"
+        );
+    }
 
     // The applier's: applied rows, the batches, the events' age, the partitions it works and their lag.
     eventually(
@@ -133,7 +137,14 @@ async fn both_binaries_export_metrics_that_move_as_events_flow() {
             let batches = sample(&applied, "stripe_sync_batch_size_sum", &[])?;
             let owned = sample(&applied, "stripe_sync_partitions_owned", &[])?;
             let lag = sample(&applied, "stripe_sync_partition_lag", &[])?;
-            (rows == 20.0 && aged == 20.0 && batches == 20.0 && owned == 16.0 && lag == 0.0)
+            let bucketed = applied.contains("# TYPE stripe_sync_event_age_seconds histogram")
+                && applied.contains("# TYPE stripe_sync_batch_size histogram");
+            (rows == 20.0
+                && aged == 20.0
+                && batches == 20.0
+                && owned == 16.0
+                && lag == 0.0
+                && bucketed)
                 .then_some(())
         },
     )
