@@ -75,8 +75,17 @@ impl Settings {
         settings::load::<Self>(env, PLAIN_ENV)?.checked()
     }
 
-    /// Refuses combinations that can't work, naming the settings.
-    fn checked(self) -> Result<Self, ConfigError> {
+    /// Refuses combinations that can't work, naming the settings. An empty `STRIPE_API_KEY` (compose passes the
+    /// variable through whether it is set or not) is no key.
+    fn checked(mut self) -> Result<Self, ConfigError> {
+        if self
+            .stripe
+            .api_key
+            .as_ref()
+            .is_some_and(|k| secrecy::ExposeSecret::expose_secret(k).is_empty())
+        {
+            self.stripe.api_key = None;
+        }
         let a = &self.applier;
         if a.retry_initial > a.retry_max {
             return Err(ConfigError::Message(format!(
@@ -282,6 +291,19 @@ mod tests {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
         )
+    }
+
+    #[test]
+    fn an_empty_api_key_is_no_key_and_the_metrics_port_is_read() {
+        let settings = load(&[("STRIPE_API_KEY", ""), ("METRICS_PORT", "9999")]).unwrap();
+        assert!(
+            settings.stripe.api_key.is_none(),
+            "compose passes an unset key as empty"
+        );
+        assert_eq!(settings.metrics.port, 9999);
+        let keyed = load(&[("STRIPE_API_KEY", "rk_test_1")]).unwrap();
+        assert!(keyed.stripe.api_key.is_some());
+        assert_eq!(keyed.metrics.port, 9464, "the default");
     }
 
     #[test]

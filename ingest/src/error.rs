@@ -34,6 +34,9 @@ pub enum ApiError {
     /// JetStream did not acknowledge the event: 503, so Stripe retries.
     #[error(transparent)]
     Unavailable(#[from] PublishError),
+    /// More requests in flight than `http.max_in_flight`: 503, so Stripe retries.
+    #[error("too many webhook requests at once")]
+    Busy,
 }
 
 impl ApiError {
@@ -63,6 +66,7 @@ impl ApiError {
             Self::BadBody => (StatusCode::BAD_REQUEST, "body_unreadable"),
             Self::UnknownEndpoint(_) => (StatusCode::NOT_FOUND, "unknown_endpoint"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable"),
+            Self::Busy => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
         }
     }
 }

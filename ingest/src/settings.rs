@@ -84,6 +84,9 @@ pub struct HttpSettings {
     /// On shutdown, how long in-flight requests may take before the process exits anyway.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Most webhook requests handled at once; past it a request gets 503 at once (Stripe retries it) rather than
+    /// queueing behind the others while memory grows.
+    pub max_in_flight: std::num::NonZeroUsize,
 }
 
 impl Default for HttpSettings {
@@ -95,6 +98,7 @@ impl Default for HttpSettings {
             // full metadata) stay well under 256 KiB; 1 MiB leaves room while bounding memory per request.
             body_limit: 1024 * 1024,
             shutdown_timeout: Duration::from_secs(30),
+            max_in_flight: std::num::NonZeroUsize::new(1024).unwrap_or(std::num::NonZeroUsize::MIN),
         }
     }
 }

@@ -148,6 +148,9 @@ pub async fn app_state(settings: &Settings) -> anyhow::Result<AppState> {
         endpoints: Arc::new(endpoints),
         publisher,
         body_limit: settings.http.body_limit,
+        in_flight: Arc::new(tokio::sync::Semaphore::new(
+            settings.http.max_in_flight.get(),
+        )),
     })
 }
 

@@ -9,8 +9,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// The metric names.
 pub mod names {
-    /// Counter: webhook requests by `endpoint` and `outcome` (`stored`, `duplicate`, `broker_unavailable`, or the
-    /// 4xx code).
+    /// Counter: webhook requests by `endpoint` and `outcome` (`stored`, `duplicate`, `broker_unavailable`, `busy`
+    /// (past `http.max_in_flight`; endpoint `any`), or the 4xx code).
     pub const WEBHOOKS: &str = "stripe_sync_webhooks_total";
     /// Histogram: a webhook request, from its body read to the answer.
     pub const WEBHOOK_DURATION: &str = "stripe_sync_webhook_duration_seconds";

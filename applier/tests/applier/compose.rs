@@ -16,10 +16,12 @@ fn compose() -> Value {
         .unwrap()
 }
 
-/// `${VAR:-default}` resolves to its default, as compose does when VAR is unset.
+/// `${VAR:-default}` resolves to its default, as compose does when VAR is unset; `${VAR:?message}` (compose refuses
+/// to start while VAR is unset) to a value the operator would have set.
 fn interpolate(value: &str) -> String {
-    match (value.strip_prefix("${"), value.find(":-")) {
-        (Some(_), Some(i)) if value.ends_with('}') => value[i + 2..value.len() - 1].to_owned(),
+    match (value.strip_prefix("${"), value.find(":-"), value.find(":?")) {
+        (Some(_), Some(i), _) if value.ends_with('}') => value[i + 2..value.len() - 1].to_owned(),
+        (Some(_), None, Some(_)) if value.ends_with('}') => "whsec_set_by_the_operator".to_owned(),
         _ => value.to_owned(),
     }
 }
@@ -85,6 +87,24 @@ fn compose_runs_the_four_parts_on_the_ports_and_variables_the_code_uses() {
         .find_map(|l| l.trim().strip_prefix("max_payload:"))
         .map(|v| v.trim().trim_end_matches("MB").parse().unwrap())
         .unwrap();
+
+    // Locked down: only ingest is reachable from other hosts, and there is no default webhook secret.
+    for service in ["postgres", "nats", "jaeger"] {
+        for port in services[service]["ports"].as_sequence().unwrap() {
+            let port = port.as_str().unwrap();
+            assert!(
+                port.starts_with("127.0.0.1:"),
+                "{service} publishes {port} on localhost only"
+            );
+        }
+    }
+    let secret = services["ingest"]["environment"]["STRIPE_WEBHOOK_SECRET"]
+        .as_str()
+        .unwrap();
+    assert!(
+        secret.starts_with("${STRIPE_WEBHOOK_SECRET:?"),
+        "compose refuses to start without a webhook secret: {secret}"
+    );
 
     // Ingest: its settings load from the compose environment and match the published port.
     let ingest_env = environment(&services["ingest"]);

@@ -28,6 +28,8 @@ pub struct AppState {
     pub publisher: Publisher,
     /// Largest accepted body.
     pub body_limit: usize,
+    /// One permit per webhook request in flight (`http.max_in_flight`).
+    pub in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// The metrics listener's router: `GET /metrics` (its own port, never the webhook port).
@@ -38,9 +40,15 @@ pub fn metrics_router() -> Router {
 /// The application's router.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.body_limit;
-    Router::new()
+    let webhooks = Router::new()
         .route("/webhooks", post(webhooks::receive_default))
         .route("/webhooks/{endpoint}", post(webhooks::receive_named))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            webhooks::at_most_in_flight,
+        ));
+    Router::new()
+        .merge(webhooks)
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .layer(DefaultBodyLimit::max(body_limit))

@@ -35,6 +35,24 @@ pub(super) async fn receive_named(
     receive(&state, &endpoint, &headers, body).await
 }
 
+/// Past `http.max_in_flight` webhook requests at once, a 503 at once: Stripe retries it later, and the requests in
+/// flight finish instead of slowing down together.
+pub(super) async fn at_most_in_flight(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    match state.in_flight.clone().try_acquire_owned() {
+        Ok(_permit) => next.run(request).await,
+        Err(_) => {
+            metrics::counter!(names::WEBHOOKS, "endpoint" => "any", "outcome" => "busy")
+                .increment(1);
+            ApiError::Busy.into_response()
+        }
+    }
+}
+
 /// Counts every answer by endpoint (a name no endpoint has counts as `unknown`: the path is the caller's) and
 /// outcome, and times it.
 async fn receive(

@@ -3,6 +3,7 @@
 
 mod helpers;
 mod lifecycle;
+mod limits;
 mod outage;
 mod publishing;
 mod rejections;
