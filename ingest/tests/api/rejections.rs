@@ -283,3 +283,33 @@ async fn what_passes_every_check_is_stored_once_on_its_endpoint() {
     assert_eq!(response.status(), 200, "{}", error_code(response).await);
     assert_eq!(app.stored().await, 2);
 }
+
+#[tokio::test]
+async fn webhook_routes_take_only_post() {
+    let router = router(&[]).await;
+    for method in ["GET", "PUT", "DELETE", "PATCH"] {
+        for path in ["/webhooks", "/webhooks/connect"] {
+            let response = router
+                .clone()
+                .oneshot(
+                    Request::builder()
+                        .method(method)
+                        .uri(path)
+                        .body(Body::empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                response.status(),
+                StatusCode::METHOD_NOT_ALLOWED,
+                "{method} {path}"
+            );
+            assert_eq!(
+                response.headers()["allow"].to_str().unwrap(),
+                "POST",
+                "{method} {path}: the answer names the one method"
+            );
+        }
+    }
+}
