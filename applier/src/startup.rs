@@ -255,36 +255,18 @@ impl Application {
                 token,
                 hydrator.as_ref().map(|h| h.backfill.clone()),
             );
-            let mut stop = stop_rx.clone();
             tracing::info!(
                 port = listener.local_addr().map(|a| a.port()).unwrap_or(0),
                 "admin listener on"
             );
-            tokio::spawn(async move {
-                let served = axum::serve(listener, router)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    })
-                    .await;
-                if let Err(err) = served {
-                    tracing::warn!(error = %err, "the admin listener stopped");
-                }
-            });
+            serve(listener, router, stop_rx.clone(), "admin");
         }
-        {
-            let router = crate::probes::router(shared.client.clone(), shared.applier.pool());
-            let mut stop = stop_rx.clone();
-            tokio::spawn(async move {
-                let served = axum::serve(probes, router)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    })
-                    .await;
-                if let Err(err) = served {
-                    tracing::warn!(error = %err, "the metrics listener stopped");
-                }
-            });
-        }
+        serve(
+            probes,
+            crate::probes::router(shared.client.clone(), shared.applier.pool()),
+            stop_rx.clone(),
+            "metrics",
+        );
         let upkeep = tokio::spawn(stripe_sync_shared::metrics::maintain());
         let hydrating = hydrator.map(|h| tokio::spawn(h.run(stop_rx.clone())));
         if let Some((reconcile, interval)) = reconcile {
@@ -322,4 +304,23 @@ impl Application {
         tracing::info!("applier stopped");
         Ok(())
     }
+}
+
+/// Serves `router` on `listener` in the background until `stop` turns true; `what` names it in the log if it fails.
+fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    mut stop: watch::Receiver<bool>,
+    what: &'static str,
+) {
+    tokio::spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(err) = served {
+            tracing::warn!(error = %err, listener = what, "a listener stopped");
+        }
+    });
 }
