@@ -213,9 +213,11 @@ impl Applier {
                 Vec::new()
             }
         };
-        // Rows written and stale per object type (an event's own row, and its embedded lists' rows by their type).
+        // New events per object type whose row was written, and whose row a newer state (in the table, or later
+        // in the batch) made stale: together with the unrouted ones, one outcome per new event.
         let mut counts: Vec<(&str, usize, usize)> = Vec::with_capacity(plan.tables.len());
         for table in &plan.tables {
+            counts.push((&table.spec.object_type, 0, table.superseded));
             for round in &table.rounds {
                 let written = store::upsert_rows(&mut tx, statements, table.index, round).await?;
                 report.rows_written += written.len();
@@ -259,7 +261,7 @@ impl Applier {
             crate::hydrate::queue(&mut tx, &asks, policy.settle).await?;
         }
         tx.commit().await?;
-        record(events, &new, &counts, started);
+        record(events, &new, &counts, plan.unrouted, started);
         Ok(report)
     }
 }
@@ -269,6 +271,7 @@ fn record(
     events: &[Incoming],
     new: &[&Incoming],
     counts: &[(&str, usize, usize)],
+    unrouted: usize,
     started: std::time::Instant,
 ) {
     use stripe_sync_shared::metrics::names;
@@ -286,6 +289,11 @@ fn record(
                     .increment(*n as u64);
             }
         }
+    }
+    // Events no table takes (an object type without one, v2 thin events): recorded in `stripe.events`, applied.
+    if unrouted > 0 {
+        metrics::counter!(names::EVENTS_APPLIED, "object_type" => "none", "outcome" => "applied")
+            .increment(unrouted as u64);
     }
     if new.len() < events.len() {
         let fresh: HashSet<*const Incoming> = new.iter().map(|e| std::ptr::from_ref(*e)).collect();

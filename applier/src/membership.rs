@@ -23,10 +23,12 @@ pub fn bucket_name(stream: &str) -> String {
 }
 
 impl Membership {
-    /// Joins the members of `stream`'s appliers; entries not renewed within `ttl` expire.
+    /// Joins the members of `stream`'s appliers; entries not renewed within `ttl` expire. The bucket has the
+    /// stream's `replicas`, so it survives what the stream survives.
     pub async fn join(
         js: &jetstream::Context,
         stream: &str,
+        replicas: usize,
         ttl: Duration,
     ) -> anyhow::Result<Self> {
         let store = js
@@ -36,6 +38,7 @@ impl Membership {
                 history: 1,
                 max_age: ttl,
                 storage: StorageType::File,
+                num_replicas: replicas,
                 ..Default::default()
             })
             .await

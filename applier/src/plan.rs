@@ -47,6 +47,8 @@ pub struct TableRows<'a> {
     /// Rows in rounds written one after the other; each round has at most one row per key, sorted by key (a
     /// stable lock order).
     pub rounds: Vec<Vec<ObjectRow<'a>>>,
+    /// Events whose write a newer version of the same row in the batch made pointless (counted as stale).
+    pub superseded: usize,
 }
 
 /// What a batch changes.
@@ -90,10 +92,13 @@ pub fn plan<'a>(
             // writes of equal versions all go to the database's tie-break.
             let every_state = !registry.children_of(&spec.object_type).is_empty();
             let mut rounds: Vec<Vec<ObjectRow<'a>>> = Vec::new();
+            let mut superseded = 0;
             for mut writes in objects.into_values() {
                 writes.sort_by_key(|w| (w.version, w.seq));
                 if !every_state && let Some(newest) = writes.last().map(|w| w.version) {
+                    let before = writes.len();
                     writes.retain(|w| w.version == newest);
+                    superseded += before - writes.len();
                 }
                 for (round, write) in writes.into_iter().enumerate() {
                     if rounds.len() <= round {
@@ -109,6 +114,7 @@ pub fn plan<'a>(
                 index,
                 spec,
                 rounds,
+                superseded,
             }
         })
         .collect();
@@ -211,13 +217,17 @@ mod tests {
             event(2, "evt_old", "customer.updated", 10, "customer:cus_1"),
             event(3, "evt_p", "product.created", 5, "product:prod_1"),
         ];
+        let plan = plan_of(&events);
         assert_eq!(
-            rounds(&plan_of(&events)),
+            rounds(&plan),
             vec![
                 ("customers".into(), vec![vec!["evt_new".into()]]),
                 ("products".into(), vec![vec!["evt_p".into()]])
             ]
         );
+        // The older event still has an outcome in the metrics: stale.
+        let superseded: Vec<usize> = plan.tables.iter().map(|t| t.superseded).collect();
+        assert_eq!(superseded, vec![1, 0]);
     }
 
     #[test]

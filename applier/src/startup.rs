@@ -117,14 +117,15 @@ pub struct Application {
     hydrator: Option<Hydrator>,
     /// The scheduled reconcile, when `STRIPE_API_KEY` and `reconcile.interval` are set.
     reconcile: Option<(Reconcile, std::time::Duration)>,
-    /// The metrics and probes listener.
-    probes: tokio::net::TcpListener,
+    /// The metrics and probes listener, serving since the start of `build`.
+    probes: crate::probes::Probes,
 }
 
 impl Application {
     /// Connects to Postgres and NATS, waiting for each as long as it takes (drop the future to give up).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         stripe_sync_shared::metrics::handle();
+        let probes = crate::probes::Probes::start(&settings.metrics).await?;
         let pool = database_pool(&settings)?;
         database_ready(&settings, &pool).await?;
         let (client, stream, topology) = connect_streams(&settings, "stripe-sync-applier").await?;
@@ -135,10 +136,6 @@ impl Application {
             })
             .await?;
         }
-        let address = format!("{}:{}", settings.metrics.host, settings.metrics.port);
-        let probes = tokio::net::TcpListener::bind(&address)
-            .await
-            .with_context(|| format!("binding the metrics listener on {address}"))?;
         let admin = match &settings.admin.token {
             Some(_) => {
                 let address = format!("{}:{}", settings.admin.host, settings.admin.port);
@@ -190,8 +187,13 @@ impl Application {
             )),
             _ => None,
         };
-        let membership =
-            Membership::join(&js, &settings.stream.name, settings.applier.member_ttl).await?;
+        let membership = Membership::join(
+            &js,
+            &settings.stream.name,
+            settings.stream.replicas,
+            settings.applier.member_ttl,
+        )
+        .await?;
         let shared = Shared {
             applier: Arc::new(applier),
             dead_letter: Arc::new(DeadLetter::new(js, topology.clone())),
@@ -224,7 +226,7 @@ impl Application {
 
     /// The metrics and probes listener's port.
     pub fn metrics_port(&self) -> u16 {
-        self.probes.local_addr().map(|a| a.port()).unwrap_or(0)
+        self.probes.port()
     }
 
     /// This applier's id among the appliers.
@@ -261,12 +263,7 @@ impl Application {
             );
             serve(listener, router, stop_rx.clone(), "admin");
         }
-        serve(
-            probes,
-            crate::probes::router(shared.client.clone(), shared.applier.pool()),
-            stop_rx.clone(),
-            "metrics",
-        );
+        probes.ready(shared.client.clone(), shared.applier.pool());
         let upkeep = tokio::spawn(stripe_sync_shared::metrics::maintain());
         let hydrating = hydrator.map(|h| tokio::spawn(h.run(stop_rx.clone())));
         if let Some((reconcile, interval)) = reconcile {

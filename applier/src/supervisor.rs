@@ -98,13 +98,15 @@ const TICK: Duration = Duration::from_millis(500);
 /// How often the lag and dead-letter gauges are read from JetStream.
 const GAUGES_EVERY: Duration = Duration::from_secs(5);
 
-/// What the gauge task read from JetStream: each owned partition's pending count, and the dead letter's size.
-type Read = (Vec<(u32, u64)>, Option<u64>);
+/// What the gauge task read: each owned partition's pending count and the dead letter's size from JetStream, and
+/// each table's last reconcile drift from Postgres.
+type Read = (Vec<(u32, u64)>, Option<u64>, Vec<(String, f64)>);
 
 /// Reads the gauges' values from JetStream in a task of its own: a slow NATS must never hold up the membership
 /// heartbeat. The supervisor sets them (see [`set_gauges`]) once the task ends.
 fn read_gauges(shared: &Shared, owned: Vec<u32>) -> tokio::task::JoinHandle<Read> {
     let (stream, client) = (shared.stream.clone(), shared.client.clone());
+    let pool = shared.applier.pool().clone();
     let (applier, dlq_name) = (
         shared.settings.applier.clone(),
         shared.settings.stream.dlq_name.clone(),
@@ -123,13 +125,21 @@ fn read_gauges(shared: &Shared, owned: Vec<u32>) -> tokio::task::JoinHandle<Read
             .await
             .ok()
             .map(|dlq| dlq.cached_info().state.messages);
-        (lags, dead)
+        // Each table's drift in its last reconcile, whichever process ran it (`reconcile` is often a CronJob).
+        let drift = sqlx::query_as::<_, (String, f64)>(
+            "select distinct on (table_name) table_name, (changed + added + deleted)::float8 \
+             from stripe.reconcile_tables where finished_at is not null order by table_name, run_id desc",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap_or_default();
+        (lags, dead, drift)
     })
 }
 
 /// Sets the gauges, each partition's only if this applier still works it (one handed over meanwhile is the next
 /// owner's to report).
-fn set_gauges((lags, dead): Read, running: &BTreeMap<u32, Partition>) {
+fn set_gauges((lags, dead, drift): Read, running: &BTreeMap<u32, Partition>) {
     use stripe_sync_shared::metrics::names;
     for (partition, pending) in lags {
         if running.contains_key(&partition) {
@@ -139,6 +149,9 @@ fn set_gauges((lags, dead): Read, running: &BTreeMap<u32, Partition>) {
     }
     if let Some(dead) = dead {
         metrics::gauge!(names::DEAD_LETTERS).set(dead as f64);
+    }
+    for (table, total) in drift {
+        metrics::gauge!(names::RECONCILE_DRIFT, "table" => table).set(total);
     }
 }
 

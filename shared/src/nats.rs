@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream::{self, ErrorCode, context::GetStreamErrorKind, stream};
-use async_nats::{Client, ConnectOptions};
+use async_nats::{Client, ConnectOptions, ServerAddr};
 use secrecy::ExposeSecret;
 
 use crate::settings::{NatsSettings, StreamSettings};
@@ -48,10 +48,92 @@ pub async fn connect(
         options = options.retry_on_initial_connect();
     }
     let url = settings.url.expose_secret();
+    let servers = servers(url)?;
+    if let Some((user, password)) = servers.iter().find_map(credentials_of) {
+        options = match password {
+            Some(password) => options.user_and_password(user, password),
+            None => options.token(user),
+        };
+    }
+    options = with_tls(options, settings)?;
     options
-        .connect(url)
+        .connect(servers)
         .await
         .with_context(|| format!("connecting to NATS at {}", redact_url(url)))
+}
+
+/// The servers of a comma-separated `NATS_URL` (`nats://a:4222,nats://b:4222`); the client tries them in turn
+/// and reconnects to whichever is up.
+fn servers(url: &str) -> anyhow::Result<Vec<ServerAddr>> {
+    let servers = url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<ServerAddr>()
+                .map_err(|e| anyhow::anyhow!("NATS URL {} is not valid: {e}", redact_url(u)))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    anyhow::ensure!(!servers.is_empty(), "NATS_URL names no server");
+    Ok(servers)
+}
+
+/// The user and password (or the token: a user without a password) a server URL carries. The client does not
+/// read them from the URL itself.
+fn credentials_of(server: &ServerAddr) -> Option<(String, Option<String>)> {
+    let user = server.username().filter(|u| !u.is_empty())?;
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    Some((decode(user), server.password().map(decode)))
+}
+
+/// TLS for the connection: required when asked (or by a `tls://` URL, or by the server), verified against the
+/// private CA when one is given, with a client certificate when the servers verify clients.
+fn with_tls(
+    mut options: ConnectOptions,
+    settings: &NatsSettings,
+) -> anyhow::Result<ConnectOptions> {
+    let uses_tls = settings.tls_required
+        || settings.tls_ca_file.is_some()
+        || settings.tls_cert_file.is_some()
+        || settings.url.expose_secret().contains("tls://");
+    if uses_tls {
+        // Two TLS backends are linked in (the NATS client's and the HTTP client's): say which one builds the
+        // NATS client's config. Installing fails harmlessly when a provider is already installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    if settings.tls_required {
+        options = options.require_tls(true);
+    }
+    if let Some(ca) = &settings.tls_ca_file {
+        anyhow::ensure!(
+            ca.is_file(),
+            "NATS TLS CA file {} does not exist",
+            ca.display()
+        );
+        options = options.add_root_certificates(ca.clone());
+    }
+    match (&settings.tls_cert_file, &settings.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            for file in [cert, key] {
+                anyhow::ensure!(
+                    file.is_file(),
+                    "NATS TLS file {} does not exist",
+                    file.display()
+                );
+            }
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        (None, None) => {}
+        _ => anyhow::bail!(
+            "NATS mutual TLS needs both nats.tls_cert_file and nats.tls_key_file (STRIPE_SYNC__NATS__TLS_CERT_FILE, \
+             STRIPE_SYNC__NATS__TLS_KEY_FILE)"
+        ),
+    }
+    Ok(options)
 }
 
 /// Why the stream could not be set up.
@@ -270,6 +352,26 @@ mod tests {
         assert!(parse_version("v2.11.0") >= MIN_SERVER_VERSION);
         assert!(parse_version("2.15.1-beta") >= MIN_SERVER_VERSION);
         assert!(parse_version("garbage") < MIN_SERVER_VERSION);
+    }
+
+    #[test]
+    fn a_nats_url_names_one_server_or_several_with_their_credentials() {
+        let list = servers(" nats://a:4222, nats://b:4222 ,tls://c:4443,").unwrap();
+        assert_eq!(list.len(), 3);
+        assert!(list[2].tls_required());
+        let user = servers("nats://ingest:p%40ss%2Fw@host:4222").unwrap();
+        assert_eq!(
+            credentials_of(&user[0]),
+            Some(("ingest".into(), Some("p@ss/w".into())))
+        );
+        let token = servers("nats://s3cret@host:4222").unwrap();
+        assert_eq!(credentials_of(&token[0]), Some(("s3cret".into(), None)));
+        assert_eq!(credentials_of(&list[0]), None);
+        let bad = servers("nats://user:pw@host:notaport")
+            .unwrap_err()
+            .to_string();
+        assert!(bad.contains("[redacted]") && !bad.contains("pw"), "{bad}");
+        assert!(servers(" , ").is_err());
     }
 
     #[test]

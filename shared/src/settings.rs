@@ -106,8 +106,17 @@ pub fn load_from_process_env<T: DeserializeOwned>(
 pub struct NatsSettings {
     /// Server URL(s), comma-separated (`NATS_URL`). May carry credentials, so it is kept secret.
     pub url: SecretString,
-    /// Optional NATS credentials file (JWT + nkey), for secured deployments.
+    /// Optional NATS credentials file (JWT + nkey), for secured deployments. A user and password (or a token) may
+    /// instead be given in the URL: `nats://user:password@host:4222`.
     pub credentials_file: Option<PathBuf>,
+    /// Insist on TLS even when the server does not ask for it (a `tls://` URL does the same).
+    pub tls_required: bool,
+    /// PEM file of the CA(s) that signed the servers' certificates, when not a public CA (e.g. a private CA).
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM certificate for mutual TLS, when the servers verify clients (with `tls_key_file`).
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
     /// How long one request to JetStream (stream and consumer management, acks that wait) may take.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -118,6 +127,10 @@ impl Default for NatsSettings {
         Self {
             url: SecretString::from("nats://127.0.0.1:4222"),
             credentials_file: None,
+            tls_required: false,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             request_timeout: Duration::from_secs(5),
         }
     }

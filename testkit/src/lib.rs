@@ -13,6 +13,7 @@ pub mod nats;
 pub mod postgres;
 pub mod proxy;
 pub mod stripe;
+pub mod tls;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

@@ -11,6 +11,8 @@ pub struct TestNats {
     binary: PathBuf,
     dir: PathBuf,
     port: u16,
+    /// Configuration added to the server's own (authorization, TLS, cluster blocks).
+    extra_conf: String,
     child: Option<Child>,
 }
 
@@ -24,17 +26,42 @@ impl TestNats {
     /// Starts a given `nats-server` binary (e.g. an old one, to check we refuse it).
     #[must_use]
     pub fn start_binary(binary: PathBuf) -> Self {
+        let mut nats = Self::new(binary, free_port(), String::new());
+        nats.resume();
+        nats
+    }
+
+    /// Starts a server whose configuration has `extra_conf` added (e.g. an `authorization { ... }` or `tls { ... }`
+    /// block).
+    #[must_use]
+    pub fn start_with(extra_conf: &str) -> Self {
+        let mut nats = Self::new(find_server(), free_port(), extra_conf.to_owned());
+        nats.resume();
+        nats
+    }
+
+    fn new(binary: PathBuf, port: u16, extra_conf: String) -> Self {
         let dir = std::env::temp_dir().join(crate::unique_name("stripe-sync-nats"));
         std::fs::create_dir_all(&dir).unwrap();
-        let port = free_port();
-        let mut nats = Self {
+        Self {
             binary,
             dir,
             port,
+            extra_conf,
             child: None,
-        };
-        nats.resume();
-        nats
+        }
+    }
+
+    /// The server's directory (its store, log and configuration).
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// True while the server process runs.
+    #[must_use]
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// `nats://127.0.0.1:<port>`.
@@ -64,9 +91,10 @@ impl TestNats {
         std::fs::write(
             &conf,
             format!(
-                "listen: 127.0.0.1:{}\nmax_payload: 4MB\njetstream {{\n  store_dir: {:?}\n}}\n",
+                "listen: 127.0.0.1:{}\nmax_payload: 4MB\njetstream {{\n  store_dir: {:?}\n}}\n{}\n",
                 self.port,
-                self.dir.join("js")
+                self.dir.join("js"),
+                self.extra_conf
             ),
         )
         .unwrap();
@@ -93,6 +121,66 @@ impl TestNats {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// A JetStream cluster of three (or more) private servers on loopback, one route port each.
+#[derive(Debug)]
+pub struct TestNatsCluster {
+    /// The servers, in the order of their names `n0`, `n1`, ...
+    pub nodes: Vec<TestNats>,
+}
+
+impl TestNatsCluster {
+    /// Starts `size` servers that route to each other; returns once each accepts client connections (the
+    /// JetStream meta group may still be electing its leader: wait for JetStream before creating streams).
+    #[must_use]
+    pub fn start(size: usize) -> Self {
+        let binary = find_server();
+        let cluster_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let routes = cluster_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut nodes: Vec<TestNats> = cluster_ports
+            .iter()
+            .enumerate()
+            .map(|(i, cluster_port)| {
+                let conf = format!(
+                    "server_name: n{i}\ncluster {{\n  name: stripe-sync-test\n  listen: 127.0.0.1:{cluster_port}\n  \
+                     routes: [{routes}]\n}}\n"
+                );
+                TestNats::new(binary.clone(), free_port(), conf)
+            })
+            .collect();
+        for node in &mut nodes {
+            node.resume();
+        }
+        Self { nodes }
+    }
+
+    /// Every server's URL, comma-separated, as `NATS_URL` takes them.
+    #[must_use]
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(TestNats::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The server named `name` (`n0`, `n1`, ...).
+    ///
+    /// # Panics
+    /// When no server has that name.
+    pub fn node(&mut self, name: &str) -> &mut TestNats {
+        let index: usize = name
+            .strip_prefix('n')
+            .and_then(|i| i.parse().ok())
+            .filter(|i| *i < self.nodes.len())
+            .unwrap_or_else(|| panic!("no server named {name}"));
+        &mut self.nodes[index]
     }
 }
 

@@ -64,6 +64,59 @@ impl TestPostgres {
     /// Creates and starts a cluster with trust authentication on 127.0.0.1.
     #[must_use]
     pub fn start() -> Self {
+        let pg = Self::init();
+        pg.resume();
+        pg
+    }
+
+    /// Creates and starts a cluster that refuses connections without TLS, presenting the PEM certificate `cert`
+    /// and its key `key`.
+    ///
+    /// # Panics
+    /// When the files can't be copied into the cluster (a broken test machine).
+    #[must_use]
+    pub fn start_tls_only(cert: &Path, key: &Path) -> Self {
+        use std::io::Write as _;
+        use std::os::unix::fs::PermissionsExt as _;
+        let pg = Self::init();
+        let data = PathBuf::from(pg.data());
+        std::fs::copy(cert, data.join("server.crt")).unwrap();
+        std::fs::copy(key, data.join("server.key")).unwrap();
+        std::fs::set_permissions(
+            data.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap()
+            .write_all(b"ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n")
+            .unwrap();
+        let hba = std::fs::read_to_string(data.join("pg_hba.conf")).unwrap();
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            format!("hostnossl all all all reject\n{hba}"),
+        )
+        .unwrap();
+        if is_root() {
+            for file in ["server.crt", "server.key", "pg_hba.conf"] {
+                assert!(
+                    Command::new("chown")
+                        .arg("postgres")
+                        .arg(data.join(file))
+                        .status()
+                        .unwrap()
+                        .success()
+                );
+            }
+        }
+        pg.resume();
+        pg
+    }
+
+    /// A new cluster, not started.
+    fn init() -> Self {
         let bin = bin_dir();
         let dir = std::env::temp_dir().join(crate::unique_name("stripe-sync-pg"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -92,13 +145,11 @@ impl TestPostgres {
                 "--no-sync",
             ],
         );
-        let pg = Self {
+        Self {
             bin,
             dir,
             port: crate::nats::free_port(),
-        };
-        pg.resume();
-        pg
+        }
     }
 
     /// `postgres://postgres@127.0.0.1:<port>/postgres`.

@@ -16,14 +16,36 @@ fn compose() -> Value {
         .unwrap()
 }
 
-/// `${VAR:-default}` resolves to its default, as compose does when VAR is unset; `${VAR:?message}` (compose refuses
-/// to start while VAR is unset) to a value the operator would have set.
-fn interpolate(value: &str) -> String {
-    match (value.strip_prefix("${"), value.find(":-"), value.find(":?")) {
-        (Some(_), Some(i), _) if value.ends_with('}') => value[i + 2..value.len() - 1].to_owned(),
-        (Some(_), None, Some(_)) if value.ends_with('}') => "whsec_set_by_the_operator".to_owned(),
-        _ => value.to_owned(),
+/// What an operator sets `var` to (compose refuses to start without the required ones).
+fn operator_value(var: &str) -> String {
+    if var.ends_with("WEBHOOK_SECRET") {
+        "whsec_set_by_the_operator".to_owned()
+    } else {
+        format!(
+            "{}0set0by0the0operator",
+            var.to_lowercase().replace('_', "")
+        )
     }
+}
+
+/// Each `${VAR:-default}` resolves to its default, as compose does when VAR is unset; `${VAR:?message}` (compose
+/// refuses to start while VAR is unset) and `${VAR}` to a value the operator would have set.
+fn interpolate(value: &str) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = start + rest[start..].find('}').expect("closed ${...}");
+        let inner = &rest[start + 2..end];
+        out.push_str(&match (inner.find(":-"), inner.find(":?")) {
+            (Some(i), _) => inner[i + 2..].to_owned(),
+            (None, Some(i)) => operator_value(&inner[..i]),
+            (None, None) => operator_value(inner),
+        });
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn environment(service: &Value) -> HashMap<String, String> {
@@ -82,6 +104,18 @@ fn compose_runs_the_four_parts_on_the_ports_and_variables_the_code_uses() {
         .iter()
         .any(|v| v.as_str().unwrap().starts_with("./deploy/nats.conf:"));
     assert!(mounted, "nats.conf is mounted");
+    // NATS admits no anonymous client: the users' passwords come from variables compose requires.
+    for var in ["NATS_INGEST_PASSWORD", "NATS_APPLIER_PASSWORD"] {
+        assert!(
+            conf.contains(&format!("password: ${var}")),
+            "nats.conf takes {var}"
+        );
+        let set = services["nats"]["environment"][var].as_str().unwrap();
+        assert!(
+            set.starts_with(&format!("${{{var}:?")),
+            "compose requires {var}: {set}"
+        );
+    }
     let max_payload_mb: usize = conf
         .lines()
         .find_map(|l| l.trim().strip_prefix("max_payload:"))
@@ -129,7 +163,13 @@ fn compose_runs_the_four_parts_on_the_ports_and_variables_the_code_uses() {
         !ingest.webhook.secrets.is_empty(),
         "a webhook secret is configured"
     );
-    assert_eq!(ingest.nats.url.expose_secret(), "nats://nats:4222");
+    assert_eq!(
+        ingest.nats.url.expose_secret(),
+        format!(
+            "nats://ingest:{}@nats:4222",
+            operator_value("NATS_INGEST_PASSWORD")
+        )
+    );
     assert!(
         ingest.http.body_limit + 16 * 1024 <= max_payload_mb * 1024 * 1024,
         "body limit fits NATS max_payload"
@@ -150,7 +190,13 @@ fn compose_runs_the_four_parts_on_the_ports_and_variables_the_code_uses() {
         pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"], pg["POSTGRES_DB"]
     );
     assert_eq!(applier.database.url.expose_secret(), expected);
-    assert_eq!(applier.nats.url.expose_secret(), "nats://nats:4222");
+    assert_eq!(
+        applier.nats.url.expose_secret(),
+        format!(
+            "nats://applier:{}@nats:4222",
+            operator_value("NATS_APPLIER_PASSWORD")
+        )
+    );
     assert!(
         applier.database.run_migrations,
         "docker compose up runs the migrations"

@@ -202,8 +202,21 @@ impl TestEnv {
     pub(crate) async fn start_ingest_with_metrics(
         &self,
     ) -> (String, String, tokio::task::JoinHandle<anyhow::Result<()>>) {
+        self.start_ingest_overriding(&[]).await
+    }
+
+    /// [`TestEnv::start_ingest_with_metrics`] with some of the environment's variables replaced (e.g. its NATS
+    /// user).
+    pub(crate) async fn start_ingest_overriding(
+        &self,
+        overrides: &[(&str, &str)],
+    ) -> (String, String, tokio::task::JoinHandle<anyhow::Result<()>>) {
+        let mut env = self.env.clone();
+        for (k, v) in overrides {
+            env.insert((*k).into(), (*v).into());
+        }
         let settings =
-            stripe_sync_ingest::settings::Settings::load_from(&self.env).expect("ingest settings");
+            stripe_sync_ingest::settings::Settings::load_from(&env).expect("ingest settings");
         let app = stripe_sync_ingest::startup::Application::build(settings)
             .await
             .expect("ingest");
@@ -227,12 +240,11 @@ impl TestEnv {
     pub(crate) async fn jetstream(&self) -> jetstream::Context {
         self.js
             .get_or_init(|| async {
-                let client = async_nats::ConnectOptions::new()
-                    .retry_on_initial_connect()
-                    .max_reconnects(None)
-                    .connect(self.nats.url())
-                    .await
-                    .expect("test connects to NATS");
+                // The binaries' own way of connecting: the servers, credentials and TLS of the test's settings.
+                let client =
+                    stripe_sync_shared::nats::connect(&self.settings().nats, "test", false)
+                        .await
+                        .expect("test connects to NATS");
                 eventually(PATIENCE, "test client connected to NATS", || async {
                     (client.connection_state() == async_nats::connection::State::Connected)
                         .then_some(())

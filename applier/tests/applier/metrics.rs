@@ -122,7 +122,20 @@ async fn both_binaries_export_metrics_that_move_as_events_flow() {
         );
     }
 
-    // The applier's: applied rows, the batches, the events' age, the partitions it works and their lag.
+    // An event older than the row it names: counted once, as stale.
+    let older = customer_event(
+        "evt_m_old",
+        "customer.updated",
+        now - 120,
+        "cus_m0",
+        "old@example.com",
+    );
+    assert_eq!(
+        post_signed(&http, &ingest, &serde_json::to_vec(&older).unwrap()).await,
+        200
+    );
+
+    // The applier's: one outcome per event, the batches, the events' age, the partitions it works and their lag.
     eventually(
         PATIENCE,
         "the applier's metrics show the events",
@@ -133,6 +146,11 @@ async fn both_binaries_export_metrics_that_move_as_events_flow() {
                 "stripe_sync_events_applied_total",
                 &[("object_type", "customer"), ("outcome", "applied")],
             )?;
+            let stale = sample(
+                &applied,
+                "stripe_sync_events_applied_total",
+                &[("object_type", "customer"), ("outcome", "stale")],
+            )?;
             let aged = sample(&applied, "stripe_sync_event_age_seconds_count", &[])?;
             let batches = sample(&applied, "stripe_sync_batch_size_sum", &[])?;
             let owned = sample(&applied, "stripe_sync_partitions_owned", &[])?;
@@ -140,8 +158,9 @@ async fn both_binaries_export_metrics_that_move_as_events_flow() {
             let bucketed = applied.contains("# TYPE stripe_sync_event_age_seconds histogram")
                 && applied.contains("# TYPE stripe_sync_batch_size histogram");
             (rows == 20.0
-                && aged == 20.0
-                && batches == 20.0
+                && stale == 1.0
+                && aged == 21.0
+                && batches == 21.0
                 && owned == 16.0
                 && lag == 0.0
                 && bucketed)
@@ -150,4 +169,47 @@ async fn both_binaries_export_metrics_that_move_as_events_flow() {
     )
     .await;
     applier.stop().await;
+}
+
+#[tokio::test]
+async fn the_applier_is_alive_but_not_ready_while_it_waits_for_nats() {
+    let port = stripe_sync_testkit::nats::free_port().to_string();
+    let mut env = TestEnv::with_env(&[("METRICS_PORT", &port)]).await;
+    env.nats.stop();
+    let settings = env.settings();
+    let building = tokio::spawn(stripe_sync_applier::startup::Application::build(settings));
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let status = |path: &'static str| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            let response = http.get(format!("{base}/{path}")).send().await.ok()?;
+            Some((response.status().as_u16(), response.text().await.ok()?))
+        }
+    };
+    // Kubernetes must not restart a process that waits for its dependencies: alive, not ready, saying why.
+    let (live, _) = eventually(PATIENCE, "the probes listen while NATS is down", || {
+        status("healthz")
+    })
+    .await;
+    assert_eq!(live, 200);
+    let (ready, why) = status("readyz").await.unwrap();
+    assert_eq!((ready, why.contains("starting")), (503, true), "{why}");
+    assert!(!building.is_finished());
+
+    env.nats.resume();
+    let app = building
+        .await
+        .unwrap()
+        .expect("the applier builds once NATS is back");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(app.run_until_stopped(async move {
+        let _ = rx.await;
+    }));
+    eventually(PATIENCE, "ready once it runs", || async {
+        (status("readyz").await?.0 == 200).then_some(())
+    })
+    .await;
+    let _ = tx.send(());
+    running.await.unwrap().unwrap();
 }
