@@ -1,17 +1,17 @@
 //! The Grafana dashboard and the Prometheus alert rules in deploy/ can't be loaded here (no Prometheus, no Grafana):
 //! they are parsed and checked against the code. Every metric they query is one the binaries export, every alert
-//! says how bad it is and links a runbook that exists in docs/operations.md.
+//! says how bad it is and links a runbook that exists in docs/operations.md. (The Kubernetes manifests: k8s.rs.)
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
 use stripe_sync_shared::metrics::names;
 
-fn repo() -> &'static Path {
+pub(crate) fn repo() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
-fn read(path: &str) -> String {
+pub(crate) fn read(path: &str) -> String {
     std::fs::read_to_string(repo().join(path)).unwrap()
 }
 

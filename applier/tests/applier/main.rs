@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod api_side;
+mod cluster;
 mod compose;
 mod coverage;
 mod dead_letters;
@@ -11,6 +12,7 @@ mod faults;
 mod handover;
 mod helpers;
 mod hydration;
+mod k8s;
 mod lifecycle;
 mod lists;
 mod metrics;
@@ -18,9 +20,11 @@ mod migrations;
 mod modes;
 mod ordering;
 mod outages;
+mod postgres_tls;
 mod reconcile;
 mod replay;
 mod robustness;
 mod scale;
 mod schema_doc;
+mod secured;
 mod thin;
