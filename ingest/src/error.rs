@@ -25,6 +25,12 @@ pub enum ApiError {
         /// The configured limit.
         limit: usize,
     },
+    /// The body did not arrive within `http.body_read_timeout`: 408.
+    #[error("the request body did not arrive within {timeout:?}")]
+    BodyTimeout {
+        /// The configured timeout.
+        timeout: std::time::Duration,
+    },
     /// The body could not be read: 400.
     #[error("could not read the request body")]
     BadBody,
@@ -63,6 +69,7 @@ impl ApiError {
                 (StatusCode::BAD_REQUEST, "body_not_an_event")
             }
             Self::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::BodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
             Self::BadBody => (StatusCode::BAD_REQUEST, "body_unreadable"),
             Self::UnknownEndpoint(_) => (StatusCode::NOT_FOUND, "unknown_endpoint"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable"),

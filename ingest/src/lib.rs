@@ -4,6 +4,7 @@
 pub mod error;
 pub mod publish;
 pub mod routes;
+pub mod server;
 pub mod settings;
 pub mod signature;
 pub mod startup;

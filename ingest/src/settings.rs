@@ -54,6 +54,8 @@ pub struct Settings {
     pub stripe: serde::de::IgnoredAny,
     /// See `database`.
     pub admin: serde::de::IgnoredAny,
+    /// See `database`.
+    pub reconcile: serde::de::IgnoredAny,
 }
 
 impl Settings {
@@ -87,6 +89,16 @@ pub struct HttpSettings {
     /// Most webhook requests handled at once; past it a request gets 503 at once (Stripe retries it) rather than
     /// queueing behind the others while memory grows.
     pub max_in_flight: std::num::NonZeroUsize,
+    /// How long a client has to send a request's headers, counted from when ingest starts waiting for them: the
+    /// accept, or on a kept-alive connection the previous answer (so it is also how long an idle connection stays
+    /// open). Past it the connection is closed, so a client trickling its headers can't hold one forever. Behind a
+    /// load balancer that keeps connections to ingest open, set it above the balancer's idle timeout.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// How long a client has to send a request's body once its headers are in; past it the request gets 408 and
+    /// nothing is published (Stripe retries). Bounds how long a slow client holds one of `max_in_flight`'s slots.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
 }
 
 impl Default for HttpSettings {
@@ -99,6 +111,11 @@ impl Default for HttpSettings {
             body_limit: 1024 * 1024,
             shutdown_timeout: Duration::from_secs(30),
             max_in_flight: std::num::NonZeroUsize::new(1024).unwrap_or(std::num::NonZeroUsize::MIN),
+            // Stripe sends a webhook's headers in one go; 10 s is ample for a slow network yet frees a stalled
+            // connection quickly.
+            header_read_timeout: Duration::from_secs(10),
+            // The largest body (`body_limit`, 1 MiB) still arrives at 35 KiB/s; Stripe's bodies are far smaller.
+            body_read_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -141,4 +158,24 @@ pub struct EndpointSettings {
     /// Its signing secrets, comma-separated.
     #[serde(deserialize_with = "comma_separated")]
     pub secrets: Vec<SecretString>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ingest_accepts_the_applier_sections_so_both_can_share_one_environment() {
+        let env: std::collections::HashMap<String, String> = [
+            "DATABASE__MAX_CONNECTIONS",
+            "APPLIER__BATCH_SIZE",
+            "STRIPE__API_VERSION",
+            "ADMIN__PORT",
+            "RECONCILE__SHARE",
+        ]
+        .into_iter()
+        .map(|key| (format!("STRIPE_SYNC__{key}"), "1".to_owned()))
+        .collect();
+        assert!(Settings::load_from(&env).is_ok());
+    }
 }

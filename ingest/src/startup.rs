@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 
 use crate::publish::Publisher;
 use crate::routes::{self, AppState, DEFAULT_ENDPOINT};
+use crate::server;
 use crate::settings::Settings;
 use crate::signature::Verifier;
 
@@ -30,6 +31,12 @@ impl Application {
     /// Binds the listener and starts connecting to NATS (in the background: NATS may be down at start).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         stripe_sync_shared::metrics::handle();
+        // Zero would not mean "no limit" but close every connection, or refuse every body, at once.
+        anyhow::ensure!(
+            !settings.http.header_read_timeout.is_zero()
+                && !settings.http.body_read_timeout.is_zero(),
+            "http.header_read_timeout and http.body_read_timeout must be above 0"
+        );
         let state = app_state(&settings).await?;
         let address = format!("{}:{}", settings.http.host, settings.http.port);
         let listener = TcpListener::bind(&address)
@@ -94,11 +101,16 @@ impl Application {
         let deadline = settings.http.shutdown_timeout;
         let server = {
             let mut stop_rx = stop_rx.clone();
-            axum::serve(listener, routes::router(state)).with_graceful_shutdown(async move {
-                let _ = stop_rx.wait_for(|stop| *stop).await;
-            })
+            server::serve(
+                listener,
+                routes::router(state),
+                settings.http.header_read_timeout,
+                async move {
+                    let _ = stop_rx.wait_for(|stop| *stop).await;
+                },
+            )
         };
-        let server = tokio::spawn(async move { server.await });
+        let server = tokio::spawn(server);
         let metrics = {
             let mut stop_rx = stop_rx.clone();
             axum::serve(metrics, routes::metrics_router()).with_graceful_shutdown(async move {
@@ -120,7 +132,7 @@ impl Application {
         let _ = stop_tx.send(true);
         let stopping = tokio::time::Instant::now();
         match tokio::time::timeout(deadline, server).await {
-            Ok(joined) => joined.context("server task")?.context("serving HTTP")?,
+            Ok(joined) => joined.context("server task")?,
             Err(_) => {
                 tracing::warn!("in-flight requests did not finish within the shutdown timeout")
             }
@@ -148,6 +160,7 @@ pub async fn app_state(settings: &Settings) -> anyhow::Result<AppState> {
         endpoints: Arc::new(endpoints),
         publisher,
         body_limit: settings.http.body_limit,
+        body_read_timeout: settings.http.body_read_timeout,
         in_flight: Arc::new(tokio::sync::Semaphore::new(
             settings.http.max_in_flight.get(),
         )),

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
+use tower_http::timeout::RequestBodyDeadlineLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::publish::Publisher;
@@ -28,6 +29,8 @@ pub struct AppState {
     pub publisher: Publisher,
     /// Largest accepted body.
     pub body_limit: usize,
+    /// How long a body may take to arrive once the headers are in (`http.body_read_timeout`).
+    pub body_read_timeout: std::time::Duration,
     /// One permit per webhook request in flight (`http.max_in_flight`).
     pub in_flight: Arc<tokio::sync::Semaphore>,
 }
@@ -40,6 +43,7 @@ pub fn metrics_router() -> Router {
 /// The application's router.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.body_limit;
+    let body_read_timeout = state.body_read_timeout;
     let webhooks = Router::new()
         .route("/webhooks", post(webhooks::receive_default))
         .route("/webhooks/{endpoint}", post(webhooks::receive_named))
@@ -52,6 +56,8 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .layer(DefaultBodyLimit::max(body_limit))
+        // One deadline for the whole body, not per chunk: a client trickling a byte at a time still runs out.
+        .layer(RequestBodyDeadlineLayer::new(body_read_timeout))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

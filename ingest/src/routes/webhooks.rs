@@ -10,6 +10,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use stripe_sync_shared::event_head::RoutingHead;
 use stripe_sync_shared::metrics::names;
+use tower_http::timeout::TimeoutError;
 
 use super::{AppState, DEFAULT_ENDPOINT};
 use crate::error::ApiError;
@@ -99,6 +100,9 @@ async fn handle(
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge {
             limit: state.body_limit,
         },
+        _ if timed_out(&rejection) => ApiError::BodyTimeout {
+            timeout: state.body_read_timeout,
+        },
         _ => ApiError::BadBody,
     })?;
 
@@ -119,6 +123,18 @@ async fn handle(
         Json(json!({ "received": true, "id": head.id, "duplicate": ack.duplicate })),
         ack.duplicate,
     ))
+}
+
+/// The body failed because `http.body_read_timeout` passed (the deadline's error is somewhere in the chain).
+fn timed_out(rejection: &BytesRejection) -> bool {
+    let mut error: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
+    while let Some(err) = error {
+        if err.is::<TimeoutError>() {
+            return true;
+        }
+        error = err.source();
+    }
+    false
 }
 
 fn unix_now() -> i64 {

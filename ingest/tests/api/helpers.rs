@@ -9,6 +9,7 @@ use stripe_sync_ingest::settings::Settings;
 use stripe_sync_ingest::startup::Application;
 use stripe_sync_testkit::nats::TestNats;
 use stripe_sync_testkit::{eventually, stripe, unique_name};
+use tokio::io::{AsyncRead, AsyncReadExt as _};
 
 pub(crate) struct TestApp {
     pub address: String,
@@ -151,6 +152,50 @@ impl TestApp {
         }
         (&mut self.server).await.expect("server task")
     }
+}
+
+impl TestApp {
+    /// `host:port` of the webhook listener, for raw sockets.
+    pub(crate) fn socket_address(&self) -> String {
+        self.address.trim_start_matches("http://").to_owned()
+    }
+}
+
+/// The head of a signed `POST /webhooks` carrying `body` (kept alive unless `close`), written by hand for raw sockets.
+pub(crate) fn signed_request_head(body: &[u8], close: bool) -> String {
+    format!(
+        "POST /webhooks HTTP/1.1\r\nHost: ingest\r\nContent-Type: application/json\r\nStripe-Signature: {}\r\n\
+         Content-Length: {}\r\n{}\r\n",
+        stripe::sign(stripe::SECRET, stripe::now(), body),
+        body.len(),
+        if close { "Connection: close\r\n" } else { "" }
+    )
+}
+
+/// A `customer.created` event with this id, as Stripe sends it.
+pub(crate) fn event(id: &str) -> Vec<u8> {
+    serde_json::to_vec(&stripe::event(
+        id,
+        "customer.created",
+        stripe::now(),
+        stripe::fixture("customer"),
+    ))
+    .expect("event serializes")
+}
+
+/// Reads until ingest closes the connection (end of stream or reset) and returns what it sent; panics if that takes
+/// more than 10 s.
+pub(crate) async fn read_until_closed(reader: &mut (impl AsyncRead + Unpin)) -> String {
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0; 4096];
+        while let Ok(n @ 1..) = reader.read(&mut buf).await {
+            answer.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("ingest closes the connection within 10 s");
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 /// A JSON error body's `error` code.

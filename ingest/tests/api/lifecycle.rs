@@ -6,8 +6,9 @@ use std::time::Duration;
 use stripe_sync_testkit::nats::{TestNats, free_port};
 use stripe_sync_testkit::stripe::{self, now};
 use stripe_sync_testkit::{eventually, unique_name};
+use tokio::io::AsyncWriteExt as _;
 
-use crate::helpers::spawn_app;
+use crate::helpers::{event, read_until_closed, signed_request_head, spawn_app, spawn_app_with};
 
 #[tokio::test]
 async fn probes_report_health_and_readiness() {
@@ -27,6 +28,58 @@ async fn probes_report_health_and_readiness() {
         .unwrap();
     assert_eq!(ready.status(), 200);
     app.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn on_shutdown_the_request_in_flight_is_answered_while_new_connections_are_refused() {
+    let mut app = spawn_app_with(&[("STRIPE_SYNC__HTTP__MAX_IN_FLIGHT", "1")]).await;
+    let body = event("evt_in_flight_at_shutdown");
+    let (head, tail) = body.split_at(body.len() / 2);
+    let mut slow = tokio::net::TcpStream::connect(app.socket_address())
+        .await
+        .unwrap();
+    slow.write_all(signed_request_head(&body, false).as_bytes())
+        .await
+        .unwrap();
+    slow.write_all(head).await.unwrap();
+    // It is in flight once it holds the only slot: another webhook is turned away.
+    let mut attempt = 0;
+    eventually(
+        Duration::from_secs(20),
+        "the slow request in flight",
+        || {
+            attempt += 1;
+            let body = event(&format!("evt_turned_away_{attempt}"));
+            let app = &app;
+            async move { (app.post_signed(&body).await.status() == 503).then_some(()) }
+        },
+    )
+    .await;
+
+    let _ = app.shutdown.take().expect("not stopped yet").send(());
+    eventually(
+        Duration::from_secs(10),
+        "new connections refused",
+        || async {
+            tokio::net::TcpStream::connect(app.socket_address())
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        !app.server.is_finished(),
+        "ingest stopped with a request in flight"
+    );
+    slow.write_all(tail).await.unwrap();
+    let answer = read_until_closed(&mut slow).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("evt_in_flight_at_shutdown"), "{answer}");
+    (&mut app.server)
+        .await
+        .unwrap()
+        .expect("a clean stop once it is answered");
 }
 
 #[tokio::test]

@@ -7,3 +7,4 @@ mod limits;
 mod outage;
 mod publishing;
 mod rejections;
+mod slow;
