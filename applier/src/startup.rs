@@ -30,6 +30,7 @@ use crate::supervisor::{self, Shared};
 
 /// A pool that connects on first use, so the applier starts (and waits) while Postgres is away.
 pub fn database_pool(settings: &Settings) -> anyhow::Result<PgPool> {
+    stripe_sync_shared::nats::install_tls_provider();
     let options = PgConnectOptions::from_str(settings.database.url.expose_secret())
         .context("DATABASE_URL is not a valid Postgres URL")?
         .application_name("stripe-sync-applier")

@@ -128,7 +128,7 @@ fn read_gauges(shared: &Shared, owned: Vec<u32>) -> tokio::task::JoinHandle<Read
         // Each table's drift in its last reconcile, whichever process ran it (`reconcile` is often a CronJob).
         let drift = sqlx::query_as::<_, (String, f64)>(
             "select distinct on (table_name) table_name, (changed + added + deleted)::float8 \
-             from stripe.reconcile_tables where finished_at is not null order by table_name, run_id desc",
+             from stripe.reconcile_tables where finished_at is not null and error is null and skipped is null order by table_name, run_id desc",
         )
         .fetch_all(&pool)
         .await

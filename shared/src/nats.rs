@@ -55,6 +55,11 @@ pub async fn connect(
             None => options.token(user),
         };
     }
+    // The client logs server addresses: they go on without the credentials.
+    let servers = servers
+        .into_iter()
+        .map(without_credentials)
+        .collect::<anyhow::Result<Vec<_>>>()?;
     options = with_tls(options, settings)?;
     options
         .connect(servers)
@@ -90,21 +95,28 @@ fn credentials_of(server: &ServerAddr) -> Option<(String, Option<String>)> {
     Some((decode(user), server.password().map(decode)))
 }
 
+fn without_credentials(server: ServerAddr) -> anyhow::Result<ServerAddr> {
+    let mut url = server.into_inner();
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    ServerAddr::from_url(url).context("a NATS URL without its credentials")
+}
+
+/// Picks the TLS backend of every TLS connection the process makes (NATS, Postgres): two are linked in (ring and
+/// aws-lc-rs, through different clients), and rustls refuses to guess. Call it before connecting; later calls do
+/// nothing.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// TLS for the connection: required when asked (or by a `tls://` URL, or by the server), verified against the
 /// private CA when one is given, with a client certificate when the servers verify clients.
 fn with_tls(
     mut options: ConnectOptions,
     settings: &NatsSettings,
 ) -> anyhow::Result<ConnectOptions> {
-    let uses_tls = settings.tls_required
-        || settings.tls_ca_file.is_some()
-        || settings.tls_cert_file.is_some()
-        || settings.url.expose_secret().contains("tls://");
-    if uses_tls {
-        // Two TLS backends are linked in (the NATS client's and the HTTP client's): say which one builds the
-        // NATS client's config. Installing fails harmlessly when a provider is already installed.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    }
+    // Also when the settings ask for nothing: a server may require TLS on its own.
+    install_tls_provider();
     if settings.tls_required {
         options = options.require_tls(true);
     }
@@ -331,13 +343,12 @@ pub fn is_stream_not_found(kind: GetStreamErrorKind) -> bool {
     matches!(kind, GetStreamErrorKind::JetStream(e) if e.error_code() == ErrorCode::STREAM_NOT_FOUND)
 }
 
-/// A URL with any `user:password@` removed, for logs.
+/// A URL with any `user:password@` removed, for logs (with or without a scheme).
 #[must_use]
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}[redacted]@{}", &url[..scheme + 3], &url[at + 1..])
-        }
+    let start = url.find("://").map_or(0, |scheme| scheme + 3);
+    match url.rfind('@') {
+        Some(at) if at >= start => format!("{}[redacted]@{}", &url[..start], &url[at + 1..]),
         _ => url.to_owned(),
     }
 }
@@ -385,5 +396,9 @@ mod tests {
             "postgres://[redacted]@h/db"
         );
         assert_eq!(redact_url("nats://host:4222"), "nats://host:4222");
+        assert_eq!(redact_url("user:pw@host:4222"), "[redacted]@host:4222");
+        let stripped =
+            without_credentials(servers("nats://u:p@host:4222").unwrap().remove(0)).unwrap();
+        assert_eq!(stripped.as_url_str(), "nats://host:4222");
     }
 }

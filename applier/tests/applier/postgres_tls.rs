@@ -20,6 +20,8 @@ fn as_user(url: &str, user: &str, password: &str) -> String {
 }
 
 async fn connects(url: &str) -> Result<(), String> {
+    // As the applier does before it connects (two TLS backends are linked in).
+    stripe_sync_shared::nats::install_tls_provider();
     sqlx::PgConnection::connect(url)
         .await
         .map(drop)
@@ -67,6 +69,10 @@ async fn the_applier_reaches_a_tls_only_postgres_when_sslmode_asks_and_verifies_
         ca.ca().display()
     );
     connects(&verified).await.expect("verified TLS connection");
+    let verify_ca = verified.replace("verify-full", "verify-ca");
+    connects(&verify_ca)
+        .await
+        .expect("verify-ca TLS connection");
 
     let env = TestEnv::with_database_url(&verified, &[]).await;
     let applier = env.start_applier().await;

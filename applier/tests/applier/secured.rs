@@ -163,8 +163,10 @@ async fn nats_over_tls_with_a_private_ca_and_client_certificates() {
         cert.display().to_string(),
         key.display().to_string(),
     );
+    // A plain nats:// URL: the server asks for TLS, and the client's CA and certificate serve it.
+    let plain_url = format!("nats://127.0.0.1:{}", nats.port());
     let env = TestEnv::with_env(&[
-        ("NATS_URL", &url),
+        ("NATS_URL", &plain_url),
         ("STRIPE_SYNC__NATS__TLS_CA_FILE", &ca_file),
         ("STRIPE_SYNC__NATS__TLS_CERT_FILE", &cert),
         ("STRIPE_SYNC__NATS__TLS_KEY_FILE", &key),
