@@ -169,8 +169,8 @@ impl StripeClient {
             global: RateLimiter::direct(per_second(rate.get())),
             endpoints: RateLimiter::keyed(per_second(settings.endpoint_requests_per_second.get())),
             max_attempts: settings.max_attempts.get(),
-            backoff_initial: Duration::from_millis(500),
-            backoff_max: Duration::from_secs(20),
+            backoff_initial: Duration::from_millis(500).min(settings.retry_max_wait),
+            backoff_max: settings.retry_max_wait,
         })
     }
 
@@ -325,7 +325,7 @@ impl StripeClient {
         }
     }
 
-    /// The `attempt`th wait: doubling from 0.5 s up to 20 s, between half and all of it.
+    /// The `attempt`th wait: doubling from 0.5 s up to `stripe.retry_max_wait` (20 s), between half and all of it.
     fn backoff(&self, attempt: u32) -> Duration {
         let ceiling = self
             .backoff_initial

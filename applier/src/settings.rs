@@ -190,6 +190,9 @@ pub struct StripeSettings {
     pub endpoint_requests_per_second: NonZeroU32,
     /// Attempts per request before giving up (429s, 5xx, connection errors, garbage).
     pub max_attempts: NonZeroU32,
+    /// Longest pause between two attempts of one request: the pauses double from 0.5 s up to this.
+    #[serde(with = "positive_duration")]
+    pub retry_max_wait: Duration,
     /// Longest a request may take.
     #[serde(with = "positive_duration")]
     pub request_timeout: Duration,
@@ -209,6 +212,7 @@ impl Default for StripeSettings {
             test_requests_per_second: NonZeroU32::new(20).unwrap_or(NonZeroU32::MIN),
             endpoint_requests_per_second: NonZeroU32::new(20).unwrap_or(NonZeroU32::MIN),
             max_attempts: NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN),
+            retry_max_wait: Duration::from_secs(20),
             request_timeout: Duration::from_secs(30),
             types_in_parallel: NonZeroUsize::new(8).unwrap_or(NonZeroUsize::MIN),
             ranges_per_type: NonZeroUsize::new(4).unwrap_or(NonZeroUsize::MIN),
