@@ -107,7 +107,7 @@ pub(crate) fn applier_env(
 }
 
 /// Events not yet acked by the consumers `<prefix>-p*`.
-async fn remaining(
+pub(crate) async fn remaining(
     js: &jetstream::Context,
     stream: &str,
     prefix: &str,

@@ -28,12 +28,9 @@ struct Clock {
 pub(crate) struct Report {
     pub rate: u32,
     pub seconds: u64,
-    pub events: u64,
-    pub p50_ms: f64,
-    pub p90_ms: f64,
-    pub p99_ms: f64,
-    pub p999_ms: f64,
-    pub max_ms: f64,
+    /// Accepted -> committed.
+    #[serde(flatten)]
+    pub latency: crate::soak::output::Latency,
     /// Ingest's own answer time at this rate.
     pub http_p50_ms: f64,
     pub http_p99_ms: f64,
@@ -149,16 +146,10 @@ pub(crate) async fn run(
         .lock()
         .map_err(|_| anyhow::anyhow!("poisoned"))?
         .clone();
-    let ms = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
     let report = Report {
         rate,
         seconds,
-        events: latency.len(),
-        p50_ms: ms(0.5),
-        p90_ms: ms(0.9),
-        p99_ms: ms(0.99),
-        p999_ms: ms(0.999),
-        max_ms: latency.max() as f64 / 1000.0,
+        latency: crate::soak::output::Latency::of(&latency),
         http_p50_ms: http.percentile_ms(0.5),
         http_p99_ms: http.percentile_ms(0.99),
         ingest_peak_rss_mib: ingest.peak_rss_mib(),

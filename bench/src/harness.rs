@@ -31,7 +31,25 @@ pub(crate) fn out_dir() -> PathBuf {
 /// Builds the release binaries of ingest and applier (cargo does nothing when they are up to date).
 pub(crate) fn build_binaries() -> anyhow::Result<Binaries> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
+    // `cargo run` gives this process its package's variables (`CARGO_PKG_NAME`, `CARGO_MANIFEST_DIR`...). Build
+    // scripts (ring's) rerun when those change, so passing them on would rebuild half the dependency tree here, and
+    // again at the next `cargo run`.
+    let package_vars = std::env::vars().map(|(k, _)| k).filter(|k| {
+        [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+            "CARGO_PRIMARY_PACKAGE",
+        ]
+        .iter()
+        .any(|prefix| k.starts_with(prefix))
+    });
+    let mut command = Command::new(cargo);
+    for var in package_vars {
+        command.env_remove(var);
+    }
+    let status = command
         .current_dir(repo())
         .args([
             "build",
@@ -160,7 +178,25 @@ pub(crate) async fn wait_http_ok(port: u16, path: &str) {
     .await;
 }
 
+/// The body of `GET http://127.0.0.1:<port><path>` when it answers 200 (e.g. `/metrics`).
+pub(crate) async fn get_text(port: u16, path: &str) -> anyhow::Result<String> {
+    use http_body_util::BodyExt as _;
+    let response = get(port, path).await?;
+    anyhow::ensure!(
+        response.status() == 200,
+        "{path} answered {}",
+        response.status()
+    );
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
 async fn get_status(port: u16, path: &str) -> anyhow::Result<u16> {
+    Ok(get(port, path).await?.status().as_u16())
+}
+
+/// `GET http://127.0.0.1:<port><path>` on a connection of its own.
+async fn get(port: u16, path: &str) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
@@ -168,5 +204,5 @@ async fn get_status(port: u16, path: &str) -> anyhow::Result<u16> {
     let request = hyper::Request::get(path)
         .header("host", "127.0.0.1")
         .body(http_body_util::Empty::<bytes::Bytes>::new())?;
-    Ok(sender.send_request(request).await?.status().as_u16())
+    Ok(sender.send_request(request).await?)
 }

@@ -17,17 +17,32 @@ use tokio::task::JoinHandle;
 /// Builds distinct signed webhook bodies from a set of realistic templates.
 pub(crate) struct Bodies {
     templates: Vec<Vec<u8>>,
+    /// Where each template's event `created` (10 digits) starts.
+    created_at: Vec<usize>,
     secret: String,
     counter: AtomicU64,
 }
 
 /// The digits of `evt_bench<9 digits>` in a template, overwritten per request.
 const ID_MARKER: &[u8] = b"evt_bench";
+/// What precedes the event's `created` in a template.
+const CREATED_MARKER: &[u8] = b"\"created\":";
 
 impl Bodies {
     pub(crate) fn new(secret: &str, offset: u64) -> Self {
+        let templates = crate::events::generate(2_000, 0.3, 11);
+        // The event's own `created` is its first one: the event's keys are written sorted, `created` before `data`.
+        let created_at = templates
+            .iter()
+            .map(|t| {
+                t.windows(CREATED_MARKER.len())
+                    .position(|w| w == CREATED_MARKER)
+                    .map_or(0, |i| i + CREATED_MARKER.len())
+            })
+            .collect();
         Self {
-            templates: crate::events::generate(2_000, 0.3, 11),
+            templates,
+            created_at,
             secret: secret.to_owned(),
             counter: AtomicU64::new(offset),
         }
@@ -36,14 +51,53 @@ impl Bodies {
     /// The next body (with a fresh event id) and its `Stripe-Signature`, and its event id.
     pub(crate) fn next(&self) -> (Bytes, String, String) {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let mut body = self.templates[(n % self.templates.len() as u64) as usize].clone();
+        let body = self.body(n, None);
+        let signature = self.sign(&body);
+        (body, signature, event_id(n))
+    }
+
+    /// The next event's number (its id is [`event_id`] of it) and body, stamped `created` (unix seconds, 10 digits)
+    /// instead of the template's.
+    pub(crate) fn next_created(&self, created: u64) -> (u64, Bytes) {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        (n, self.body(n, Some(created)))
+    }
+
+    /// How many templates events cycle through.
+    pub(crate) fn templates(&self) -> u64 {
+        self.templates.len() as u64
+    }
+
+    /// The template event number `n` is made from (its object's id, type and lists are the template's).
+    pub(crate) fn template_of(&self, n: u64) -> &[u8] {
+        &self.templates[(n % self.templates.len() as u64) as usize]
+    }
+
+    fn body(&self, n: u64, created: Option<u64>) -> Bytes {
+        let i = (n % self.templates.len() as u64) as usize;
+        let mut body = self.templates[i].clone();
         let at = body
             .windows(ID_MARKER.len())
             .position(|w| w == ID_MARKER)
             .map_or(0, |i| i + ID_MARKER.len());
         let digits = format!("{:09}", n % 1_000_000_000);
         body[at..at + 9].copy_from_slice(digits.as_bytes());
-        let event_id = format!("evt_bench{digits}");
+        if let Some(created) = created {
+            let at = self.created_at[i];
+            let digits = format!("{created:010}");
+            if digits.len() == 10
+                && body
+                    .get(at..at + 10)
+                    .is_some_and(|d| d.iter().all(u8::is_ascii_digit))
+            {
+                body[at..at + 10].copy_from_slice(digits.as_bytes());
+            }
+        }
+        Bytes::from(body)
+    }
+
+    /// `Stripe-Signature` of `body`, signed now (Stripe signs every delivery attempt anew).
+    pub(crate) fn sign(&self, body: &[u8]) -> String {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -51,10 +105,19 @@ impl Bodies {
         let mut mac =
             Hmac::<Sha256>::new_from_slice(self.secret.as_bytes()).expect("any key length");
         mac.update(format!("{t}.").as_bytes());
-        mac.update(&body);
-        let signature = format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()));
-        (Bytes::from(body), signature, event_id)
+        mac.update(body);
+        format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
     }
+}
+
+/// The id of event number `n`.
+pub(crate) fn event_id(n: u64) -> String {
+    format!("evt_bench{:09}", n % 1_000_000_000)
+}
+
+/// The number of an event id [`event_id`] made.
+pub(crate) fn event_number(id: &str) -> Option<u64> {
+    id.strip_prefix("evt_bench")?.parse().ok()
 }
 
 /// What a load run measured.
@@ -76,9 +139,11 @@ impl LoadResult {
     }
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+/// One HTTP/1.1 connection's request half.
+pub(crate) type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
-async fn connect(port: u16) -> anyhow::Result<Sender> {
+/// A keep-alive connection to `127.0.0.1:<port>`.
+pub(crate) async fn connect(port: u16) -> anyhow::Result<Sender> {
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     stream.set_nodelay(true)?;
     let (sender, conn) =
@@ -222,4 +287,26 @@ pub(crate) async fn paced(
     drop(tx);
     let elapsed = started.elapsed();
     LoadResult::sum(elapsed, tasks).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stamped_event_carries_its_id_and_created_and_the_template_otherwise() {
+        let bodies = Bodies::new("whsec_x", 41);
+        let template: serde_json::Value = serde_json::from_slice(bodies.template_of(41)).unwrap();
+        let (n, body) = bodies.next_created(1_790_000_123);
+        assert_eq!(n, 41);
+        let event: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(event["id"], event_id(41).as_str());
+        assert_eq!(event_number(event["id"].as_str().unwrap()), Some(41));
+        assert_eq!(event["created"], 1_790_000_123);
+        assert_eq!(
+            event["data"], template["data"],
+            "the object, its own created included, is the template's"
+        );
+        assert_eq!(event["type"], template["type"]);
+    }
 }

@@ -12,6 +12,7 @@ mod hydration;
 mod ingest;
 mod loadgen;
 mod report;
+mod soak;
 
 use std::time::Duration;
 
@@ -99,6 +100,9 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         api_latency_ms: u64,
     },
+    /// A long steady load while ingests and appliers are killed and restarted: nothing lost, nothing applied twice,
+    /// memory flat (bench/out/soak.json and soak.csv, chart docs/soak.png).
+    Soak(soak::Config),
     /// (internal) The no-op HTTP server of the ingest ceiling.
     #[command(hide = true)]
     NoopServer {
@@ -322,6 +326,12 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Direct { events } => direct::run(events).await?,
+        Command::Soak(mut config) => {
+            if config.chart.is_relative() {
+                config.chart = harness::repo().join(&config.chart);
+            }
+            soak::run(&bins, &nats, config).await?;
+        }
         Command::NoopServer { .. }
         | Command::Hydration { .. }
         | Command::HydrationLatency { .. } => {}

@@ -20,6 +20,16 @@ pub(crate) struct Results {
     pub backlog_ingest_peak_rss_mib: Option<f64>,
 }
 
+/// Registers the bundled font as "sans-serif", the one every chart writes with.
+pub(crate) fn register_sans_serif() -> anyhow::Result<()> {
+    register_font(
+        "sans-serif",
+        FontStyle::Normal,
+        include_bytes!("../assets/DejaVuSans.ttf"),
+    )
+    .map_err(|_| anyhow::anyhow!("font"))
+}
+
 /// CPU model, cores and memory, for the record.
 pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -115,12 +125,12 @@ impl Results {
                  ingest answers p50 {:.2} ms, p99 {:.2} ms; peak RSS ingest {:.1} MiB, applier {:.1} MiB\n\n",
                 e.rate,
                 e.seconds,
-                e.events,
-                e.p50_ms,
-                e.p90_ms,
-                e.p99_ms,
-                e.p999_ms,
-                e.max_ms,
+                e.latency.events,
+                e.latency.p50_ms,
+                e.latency.p90_ms,
+                e.latency.p99_ms,
+                e.latency.p999_ms,
+                e.latency.max_ms,
                 e.http_p50_ms,
                 e.http_p99_ms,
                 e.ingest_peak_rss_mib,
@@ -150,12 +160,7 @@ impl Results {
 
     /// Draws throughput by number of appliers (with the Postgres ceiling) and latency percentiles.
     pub(crate) fn chart(&self, path: &Path) -> anyhow::Result<()> {
-        register_font(
-            "sans-serif",
-            FontStyle::Normal,
-            include_bytes!("../assets/DejaVuSans.ttf"),
-        )
-        .map_err(|_| anyhow::anyhow!("font"))?;
+        register_sans_serif()?;
         let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
         root.fill(&WHITE)?;
         let (left, right) = root.split_horizontally(700);
@@ -215,10 +220,10 @@ impl Results {
                 i.ingest.p999_ms,
             ]
         });
-        let e2e: Vec<f64> = self
-            .e2e
-            .as_ref()
-            .map_or(vec![], |e| vec![e.p50_ms, e.p90_ms, e.p99_ms, e.p999_ms]);
+        let e2e: Vec<f64> = self.e2e.as_ref().map_or(vec![], |e| {
+            let l = &e.latency;
+            vec![l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms]
+        });
         let max_ms = ingest.iter().chain(e2e.iter()).copied().fold(1.0, f64::max) * 1.2;
         let mut chart = ChartBuilder::on(&right)
             .caption("Latency percentiles (ms)", ("sans-serif", 24))
