@@ -151,7 +151,8 @@ impl Applier {
         let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;
         let all: Vec<&Incoming> = events.iter().collect();
-        let inserted = store::insert_events(&mut tx, &all, &self.platform_account).await?;
+        let inserted =
+            store::insert_events(&mut tx, &all, self.registry, &self.platform_account).await?;
         // The first copy of an event in the batch is the one recorded.
         let mut seen = HashSet::new();
         let new: Vec<&Incoming> = all

@@ -19,6 +19,7 @@ pub mod dead_letter;
 pub mod decision;
 pub mod error;
 pub mod event;
+pub mod history;
 pub mod hydrate;
 pub mod membership;
 pub mod migrate;

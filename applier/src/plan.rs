@@ -121,6 +121,22 @@ pub fn plan<'a>(
     Plan { tables, unrouted }
 }
 
+/// Where an event stands in history (`stripe.events._table`, `_row_id`, `_rank`): the table and row it writes and
+/// its rank within its second; `None` for an event that writes no row.
+#[must_use]
+pub fn placement<'a>(
+    event: &'a Incoming,
+    registry: &'a Registry,
+    platform_account: &'a str,
+) -> Option<(&'a str, Cow<'a, str>, i32)> {
+    let (index, row) = route(event, 0, registry, platform_account)?;
+    Some((
+        registry.objects()[index].table.as_str(),
+        row.id,
+        row.version.rank.get(),
+    ))
+}
+
 /// The table and row an event writes, if any.
 fn route<'a>(
     event: &'a Incoming,
@@ -208,6 +224,36 @@ mod tests {
             .map(|r| r.iter().map(|s| (*s).to_owned()).collect())
             .collect();
         vec![(table.to_owned(), rounds)]
+    }
+
+    #[test]
+    fn history_places_each_event_at_the_row_it_writes_with_the_rank_the_row_gets() {
+        let registry = Registry::shipped();
+        let updated = event(1, "evt_u", "customer.updated", 10, "customer:cus_1");
+        let deleted = event(2, "evt_d", "customer.deleted", 10, "customer:cus_1");
+        let balance = event(3, "evt_b", "balance.available", 10, "balance:");
+        let unknown = event(4, "evt_x", "thing.updated", 10, "thing:th_1");
+        let rank_of =
+            |e: &Incoming| route(e, 0, registry, "platform").map(|(_, row)| row.version.rank.get());
+        assert_eq!(
+            placement(&updated, registry, "platform"),
+            Some((
+                "customers",
+                Cow::Borrowed("cus_1"),
+                rank_of(&updated).unwrap()
+            ))
+        );
+        let (_, _, tombstone) = placement(&deleted, registry, "platform").unwrap();
+        assert!(
+            tombstone > rank_of(&updated).unwrap(),
+            "a tombstone ranks above a change"
+        );
+        assert_eq!(
+            placement(&balance, registry, "platform").map(|p| (p.0, p.1.into_owned())),
+            Some(("balances", "evt_b".to_owned())),
+            "a row per event"
+        );
+        assert_eq!(placement(&unknown, registry, "platform"), None);
     }
 
     #[test]

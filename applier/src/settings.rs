@@ -50,6 +50,8 @@ pub struct Settings {
     pub admin: AdminSettings,
     /// Comparing the tables with Stripe's API, on a schedule (`reconcile`).
     pub reconcile: ReconcileSettings,
+    /// History's retention (docs/history.md).
+    pub history: HistorySettings,
     /// The metrics listener (`METRICS_PORT`).
     pub metrics: MetricsSettings,
     /// NATS connection.
@@ -85,6 +87,15 @@ impl Settings {
             .is_some_and(|k| secrecy::ExposeSecret::expose_secret(k).is_empty())
         {
             self.stripe.api_key = None;
+        }
+        if let Some(retention) = self.history.retention
+            && retention < MIN_RETENTION
+        {
+            return Err(ConfigError::Message(format!(
+                "history.retention ({} days) must be at least 30 days: Stripe redelivers for 3 days and recover \
+                 reads the last 30 days of events, which must still find their versions to be recognised",
+                retention.as_secs() / 86_400
+            )));
         }
         let a = &self.applier;
         if a.retry_initial > a.retry_max {
@@ -220,6 +231,19 @@ impl Default for StripeSettings {
     }
 }
 
+/// The shortest `history.retention`.
+const MIN_RETENTION: Duration = Duration::from_secs(30 * 86_400);
+
+/// History (docs/history.md).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistorySettings {
+    /// Versions older than this (at least 30 days) are pruned from `stripe.events` (each row keeps its last version
+    /// before it), every hour, by one applier at a time; unset (the default): history is kept forever.
+    #[serde(with = "humantime_serde")]
+    pub retention: Option<Duration>,
+}
+
 /// Reconciling: walking Stripe's lists, comparing them with the tables, fixing what differs (needs `STRIPE_API_KEY`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -331,5 +355,14 @@ mod tests {
         .to_string();
         assert!(err.contains("retry_initial"), "{err}");
         assert!(load(&[("STRIPE_SYNC__APPLIER__ACK_WAIT", "1s")]).is_ok());
+        let err = load(&[("STRIPE_SYNC__HISTORY__RETENTION", "7d")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("history.retention (7 days)"), "{err}");
+        let kept = load(&[("STRIPE_SYNC__HISTORY__RETENTION", "400d")]).unwrap();
+        assert_eq!(
+            kept.history.retention,
+            Some(Duration::from_secs(400 * 86_400))
+        );
     }
 }

@@ -118,6 +118,8 @@ pub struct Application {
     hydrator: Option<Hydrator>,
     /// The scheduled reconcile, when `STRIPE_API_KEY` and `reconcile.interval` are set.
     reconcile: Option<(Reconcile, std::time::Duration)>,
+    /// History's retention, when `history.retention` is set.
+    retention: Option<crate::history::Retention>,
     /// The metrics and probes listener, serving since the start of `build`.
     probes: crate::probes::Probes,
 }
@@ -188,6 +190,10 @@ impl Application {
             )),
             _ => None,
         };
+        let retention = settings
+            .history
+            .retention
+            .map(|keep| crate::history::Retention::new(pool.clone(), keep));
         let membership = Membership::join(
             &js,
             &settings.stream.name,
@@ -213,6 +219,7 @@ impl Application {
             admin,
             hydrator,
             reconcile,
+            retention,
             probes,
         })
     }
@@ -249,6 +256,7 @@ impl Application {
             admin,
             hydrator,
             reconcile,
+            retention,
             probes,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -270,6 +278,14 @@ impl Application {
         if let Some((reconcile, interval)) = reconcile {
             tokio::spawn(reconcile.every(interval, stop_rx.clone()));
         }
+        if let Some(retention) = retention {
+            tokio::spawn(retention.every(stop_rx.clone()));
+        }
+        tokio::spawn(crate::history::index_older_events_every_hour(
+            shared.applier.pool().clone(),
+            Registry::shipped(),
+            stop_rx.clone(),
+        ));
         let stopper = tokio::spawn(async move {
             shutdown.await;
             let _ = stop_tx.send(true);

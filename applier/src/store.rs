@@ -358,16 +358,22 @@ fn list_sql(parent: &ObjectSpec, child: &ChildList, columns: &[TypedColumn]) -> 
 pub async fn insert_events(
     conn: &mut PgConnection,
     events: &[&Incoming],
+    registry: &Registry,
     platform_account: &str,
 ) -> Result<HashSet<(String, String)>, sqlx::Error> {
+    let placed: Vec<_> = events
+        .iter()
+        .map(|e| crate::plan::placement(e, registry, platform_account))
+        .collect();
     let rows = sqlx::query(
         "insert into stripe.events \
-           (_account_id, id, type, created, livemode, api_version, object_type, object_id, _stream_seq, _raw_data) \
+           (_account_id, id, type, created, livemode, api_version, object_type, object_id, _stream_seq, _raw_data, \
+            _table, _row_id, _rank) \
          select e.account, e.id, e.type, e.created, e.livemode, e.api_version, e.object_type, e.object_id, e.seq, \
-           e.body::jsonb \
+           e.body::jsonb, e.tbl, e.row_id, e.rank \
          from unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::bool[], $6::text[], $7::text[], $8::text[], \
-           $9::int8[], $10::text[]) \
-           as e(account, id, type, created, livemode, api_version, object_type, object_id, seq, body) \
+           $9::int8[], $10::text[], $11::text[], $12::text[], $13::int4[]) \
+           as e(account, id, type, created, livemode, api_version, object_type, object_id, seq, body, tbl, row_id, rank) \
          on conflict (_account_id, id) do nothing \
          returning _account_id, id",
     )
@@ -380,18 +386,33 @@ pub async fn insert_events(
     .bind(events.iter().map(|e| e.id.as_str()).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.created).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.livemode).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.livemode()).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.api_version.as_deref()).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.object_type.as_deref()).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.object_id.as_deref()).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.seq as i64).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.json()).collect::<Vec<_>>())
+    .bind(placed.iter().map(|p| p.as_ref().map(|p| p.0)).collect::<Vec<_>>())
+    .bind(placed.iter().map(|p| p.as_ref().map(|p| p.1.as_ref())).collect::<Vec<_>>())
+    .bind(
+        events
+            .iter()
+            .zip(&placed)
+            .map(|(e, p)| p.as_ref().map_or_else(|| unplaced_rank(e), |p| p.2))
+            .collect::<Vec<_>>(),
+    )
     .fetch_all(&mut *conn)
     .await?;
     Ok(rows
         .into_iter()
         .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
         .collect())
+}
+
+/// The `_rank` of an event that writes no row: set all the same, so that a null `_rank` means "recorded before
+/// history" (migrations/0006), an event retention must not take for one without a row.
+pub fn unplaced_rank(event: &Incoming) -> i32 {
+    crate::version::Rank::new(false, event.progress, event.kind()).get()
 }
 
 /// The place in the stream's order each of these events was recorded with when first applied (for `replay

@@ -108,8 +108,9 @@ async fn batch(
     copy.finish().await?;
     tx.execute(
         "insert into stripe.events (_account_id, id, type, created, livemode, api_version, object_type, object_id, \
-           _stream_seq, _raw_data) \
-         select acct, id, type, created, livemode, api_version, object_type, object_id, seq, raw::jsonb from staging \
+           _stream_seq, _raw_data, _table, _row_id, _rank) \
+         select acct, id, type, created, livemode, api_version, object_type, object_id, seq, raw::jsonb, \
+           nullif(tbl, ''), case when tbl <> '' then object_id end, rank from staging \
          on conflict (_account_id, id) do nothing",
     )
     .await?;

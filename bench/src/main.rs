@@ -8,6 +8,7 @@ mod direct;
 mod e2e;
 mod events;
 mod harness;
+mod history;
 mod hydration;
 mod ingest;
 mod loadgen;
@@ -103,6 +104,13 @@ enum Command {
     /// A long steady load while ingests and appliers are killed and restarted: nothing lost, nothing applied twice,
     /// memory flat (bench/out/soak.json and soak.csv, chart docs/soak.png).
     Soak(soak::Config),
+    /// Reading history: `stripe.as_of` on a table of `versions` versions of `objects` customers (no NATS).
+    History {
+        #[arg(long, default_value_t = 1_000_000)]
+        versions: usize,
+        #[arg(long, default_value_t = 100_000)]
+        objects: usize,
+    },
     /// (internal) The no-op HTTP server of the ingest ceiling.
     #[command(hide = true)]
     NoopServer {
@@ -196,6 +204,27 @@ async fn main() -> anyhow::Result<()> {
     };
     if let Command::NoopServer { port } = cli.command {
         return ingest::noop_server(port).await;
+    }
+    if let Command::History { versions, objects } = cli.command {
+        let r = history::run(versions, objects).await?;
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        println!(
+            "| versions | objects | current table, whole | as_of, whole (end) | as_of, whole (half-way) | customers_as_of, whole (end) | as_of, one id p50 / p99 | one id's timeline (view) p50 |"
+        );
+        println!("|---|---|---|---|---|---|---|---|");
+        println!(
+            "| {} | {} | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {:.2} / {:.2} ms | {:.2} ms |",
+            r.versions,
+            r.objects,
+            r.current_table_ms,
+            r.as_of_whole_end_ms,
+            r.as_of_whole_middle_ms,
+            r.table_as_of_whole_end_ms,
+            r.as_of_one_p50_ms,
+            r.as_of_one_p99_ms,
+            r.timeline_one_p50_ms
+        );
+        return Ok(());
     }
     if let Command::Hydration { events } = cli.command {
         println!(
@@ -333,6 +362,7 @@ async fn main() -> anyhow::Result<()> {
             soak::run(&bins, &nats, config).await?;
         }
         Command::NoopServer { .. }
+        | Command::History { .. }
         | Command::Hydration { .. }
         | Command::HydrationLatency { .. } => {}
     }

@@ -56,6 +56,8 @@ pub struct Settings {
     pub admin: serde::de::IgnoredAny,
     /// See `database`.
     pub reconcile: serde::de::IgnoredAny,
+    /// See `database`.
+    pub history: serde::de::IgnoredAny,
 }
 
 impl Settings {
@@ -172,6 +174,7 @@ mod tests {
             "STRIPE__API_VERSION",
             "ADMIN__PORT",
             "RECONCILE__SHARE",
+            "HISTORY__RETENTION",
         ]
         .into_iter()
         .map(|key| (format!("STRIPE_SYNC__{key}"), "1".to_owned()))

@@ -9,6 +9,7 @@
 
 pub mod db;
 pub mod fake_stripe;
+pub mod history;
 pub mod nats;
 pub mod postgres;
 pub mod proxy;

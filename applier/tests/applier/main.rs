@@ -11,6 +11,7 @@ mod e2e;
 mod faults;
 mod handover;
 mod helpers;
+mod history;
 mod hydration;
 mod k8s;
 mod lifecycle;

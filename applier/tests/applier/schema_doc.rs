@@ -28,6 +28,9 @@ fn describe_fixed(column: &str) -> &'static str {
             "true when a same-second tie the payloads could not order decided the row (stream order did)"
         }
         "_updated_at" => "when the applier last wrote the row",
+        "_table" => "the table whose row the event wrote (null: none), for history",
+        "_row_id" => "the id of that row",
+        "_rank" => "the write's rank within its second (null: recorded before history existed)",
         _ => "",
     }
 }
@@ -38,7 +41,10 @@ async fn render() -> String {
     stripe_sync_applier::migrate::run(&pool).await.unwrap();
     let columns: Vec<(String, String, String)> = sqlx::query_as(
         "select table_name::text, column_name::text, data_type::text \
-         from information_schema.columns where table_schema = 'stripe' order by table_name, ordinal_position",
+         from information_schema.columns c where table_schema = 'stripe' \
+           and exists (select 1 from information_schema.tables t where t.table_schema = 'stripe' \
+             and t.table_name = c.table_name and t.table_type = 'BASE TABLE') \
+         order by table_name, ordinal_position",
     )
     .fetch_all(&pool)
     .await
@@ -50,7 +56,10 @@ async fn render() -> String {
          schema_doc` rewrites this file; the test fails when it and the migrations disagree).\n\n\
          Typed columns are written by the applier from `_raw_data` in the same statement and never fail an insert: a \
          value of an unexpected type or range reads as null (see migrations/0001_core.sql). Amounts and unix timestamps are `bigint`: \
-         `to_timestamp(created)` gives a timestamptz.\n",
+         `to_timestamp(created)` gives a timestamptz.\n\n\
+         Every object table `t` also has a view `t_history`: its columns, one row per version, plus `_valid_from`, \
+         `_valid_to`, `_event_id` and `_event_type`; and `stripe.as_of(null::stripe.t, <timestamptz>)` gives the table \
+         as it was then (docs/history.md).\n",
     );
     let mut current = String::new();
     for (table, column, data_type) in columns {
@@ -65,6 +74,12 @@ async fn render() -> String {
                 (None, "events") => "every applied event, once per (account, id)".to_owned(),
                 (None, "incomplete_lists") => {
                     "parents whose embedded list Stripe cut short (`has_more`)".to_owned()
+                }
+                (None, "history_lists") => {
+                    "the embedded lists whose items' history comes from their parents' events".to_owned()
+                }
+                (None, "history_state") => {
+                    "when history's retention last ran, and up to which second it pruned".to_owned()
                 }
                 (None, "stream_epochs") => {
                     "each incarnation of the events stream: events of a newer one order after an older one's"
