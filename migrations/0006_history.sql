@@ -207,8 +207,8 @@ $$;
 -- The query of table `tbl` as it was at `$1` (a unix second), only rows `$2` when `$2` is not null (for an owned
 -- list: the items of parents `$2`). One row per key: its last version at or before the moment (a tie within a
 -- second decided as the table decides it); an owned list's item is deleted when its parent then was, or its
--- parent's list then was complete and lacked it. (`offset 0` keeps each version's object computed once, not once
--- per typed column.)
+-- parent's list then was complete and lacked it. (Each `offset 0` keeps a value computed once per row: the chosen
+-- version, the object; the lateral `limit 1` fetches each chosen event by its key instead of hashing them all.)
 create or replace function stripe.as_of_sql(tbl text) returns text
 language plpgsql stable as $$
 declare
@@ -252,12 +252,13 @@ begin
     'and (c._field is null or x._raw_data -> ''data'' -> ''object'' -> c._field -> ''data'' '
     '@> jsonb_build_array(jsonb_build_object(''id'', c._row_id)))) '
     'then stripe.version_winner(c._source, c._account_id, c.livemode, c._group_id, c.created, c._rank, c._field, '
-    'c._row_id) else c._event_id end as chosen from %s) '
+    'c._row_id) else c._event_id end as chosen from %s offset 0) '
     'select %s from (select w._account_id, w.livemode, w._parent_id, w._row_id, e.id as _event_id, e.created, '
     'e._rank, e._stream_seq, e._applied_at, w._deleted_then as _deleted, w.chosen <> w._event_id as _tied, '
     'case when w._field is null then e._raw_data -> ''data'' -> ''object'' '
     'else stripe.version_object(e._raw_data, w._field, w._row_id) end as _object '
-    'from w join stripe.events e on e._account_id = w._account_id and e.id = w.chosen offset 0) v',
+    'from w cross join lateral (select * from stripe.events e where e._account_id = w._account_id '
+    'and e.id = w.chosen limit 1) e offset 0) v',
     replace(keys, ' desc', ''), stripe.history_sources(tbl, 'e.created <= $1', '$2'), keys, parents, deleted,
     candidates, stripe.history_columns(tbl));
 end $$;
