@@ -76,21 +76,35 @@ impl Retention {
     }
 
     /// Prunes now and every [`EVERY`] until `stop`.
-    pub async fn every(self, mut stop: watch::Receiver<bool>) {
+    pub async fn every(self, stop: watch::Receiver<bool>) {
         tracing::info!(retention = ?self.retention, "history retention on");
-        loop {
-            tokio::select! {
-                pruned = self.prune() => match pruned {
-                    Ok(Some(n)) => tracing::info!(events = n, "history pruned"),
-                    Ok(None) => tracing::debug!("another applier prunes history"),
-                    Err(err) => tracing::warn!(error = %err, "pruning history failed; next try in an hour"),
-                },
-                _ = stop.wait_for(|s| *s) => return,
+        hourly(stop, || async {
+            match self.prune().await {
+                Ok(Some(n)) => tracing::info!(events = n, "history pruned"),
+                Ok(None) => tracing::debug!("another applier prunes history"),
+                Err(err) => {
+                    tracing::warn!(error = %err, "pruning history failed; next try in an hour")
+                }
             }
-            tokio::select! {
-                () = tokio::time::sleep(EVERY) => {}
-                _ = stop.wait_for(|s| *s) => return,
-            }
+        })
+        .await;
+    }
+}
+
+/// Runs `task` now and every [`EVERY`] until `stop` (a run in progress is dropped at `stop`).
+async fn hourly<F, Fut>(mut stop: watch::Receiver<bool>, mut task: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    loop {
+        tokio::select! {
+            () = task() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        tokio::select! {
+            () = tokio::time::sleep(EVERY) => {}
+            _ = stop.wait_for(|s| *s) => return,
         }
     }
 }
@@ -195,20 +209,14 @@ struct Placed {
 pub async fn index_older_events_every_hour(
     pool: PgPool,
     registry: &'static crate::registry::Registry,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    loop {
-        tokio::select! {
-            indexed = index_older_events(&pool, registry) => match indexed {
-                Ok(Some(0) | None) => {}
-                Ok(Some(n)) => tracing::info!(events = n, "events recorded before history now have their place in it"),
-                Err(err) => tracing::warn!(error = %err, "indexing older events for history failed; next try in an hour"),
-            },
-            _ = stop.wait_for(|s| *s) => return,
+    hourly(stop, || async {
+        match index_older_events(&pool, registry).await {
+            Ok(Some(0) | None) => {}
+            Ok(Some(n)) => tracing::info!(events = n, "events recorded before history now have their place in it"),
+            Err(err) => tracing::warn!(error = %err, "indexing older events for history failed; next try in an hour"),
         }
-        tokio::select! {
-            () = tokio::time::sleep(EVERY) => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-    }
+    })
+    .await;
 }
