@@ -19,8 +19,10 @@ pub(crate) struct Report {
     pub current_table_ms: f64,
     pub as_of_whole_end_ms: f64,
     pub as_of_whole_middle_ms: f64,
-    /// The same through the table's own function (`stripe.customers_as_of`), which Postgres inlines.
+    /// The same through the table's own function (`stripe.customers_as_of`).
     pub table_as_of_whole_end_ms: f64,
+    /// `as_of` for the whole table on one core (`max_parallel_workers_per_gather = 0`: no parallel slices).
+    pub as_of_whole_one_core_ms: f64,
     pub as_of_one_p50_ms: f64,
     pub as_of_one_p99_ms: f64,
     pub timeline_one_p50_ms: f64,
@@ -64,6 +66,14 @@ pub(crate) async fn run(versions: usize, objects: usize) -> anyhow::Result<Repor
         5,
     )
     .await?;
+    let one_core = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(
+            <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(db.url())?
+                .options([("max_parallel_workers_per_gather", "0")]),
+        )
+        .await?;
+    let as_of_whole_one_core_ms = median_ms(&one_core, &whole(end), 5).await?;
     let mut rng = fastrand::Rng::with_seed(1);
     let mut one = Vec::new();
     let mut timeline = Vec::new();
@@ -103,6 +113,7 @@ pub(crate) async fn run(versions: usize, objects: usize) -> anyhow::Result<Repor
         as_of_whole_end_ms,
         as_of_whole_middle_ms,
         table_as_of_whole_end_ms,
+        as_of_whole_one_core_ms,
         as_of_one_p50_ms: one[one.len() / 2],
         as_of_one_p99_ms: one[one.len() * 99 / 100],
         timeline_one_p50_ms: timeline[timeline.len() / 2],

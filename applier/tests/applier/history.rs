@@ -75,6 +75,9 @@ async fn as_of_any_moment_equals_the_tables_as_they_were_then() {
     let delivered = shuffled(&generated.events, &mut rng);
     let all = Direct::new().await;
     deliver(&all, &delivered, &mut rng).await;
+    // With statistics, `as_of` reads a whole table in slices of its ids (one per parallel worker): the slices
+    // together must hold every row once.
+    sqlx::query("analyze").execute(&all.pool).await.unwrap();
 
     // Moments: random seconds, and seconds at which several versions of one object meet.
     let mut moments: Vec<i64> = (0..14)
@@ -422,6 +425,95 @@ async fn history_reads_every_embedded_list_of_the_registry() {
     );
 }
 
+/// A `customer.updated` of cus_tie at second 3,000, from `previous` to `email`.
+fn tied_update(id: &str, email: &str, previous: &str) -> Value {
+    let mut event = crate::helpers::customer_event(id, "customer.updated", 3_000, "cus_tie", email);
+    event["data"]["previous_attributes"] = serde_json::json!({ "email": previous });
+    event
+}
+
+/// A whole table read in slices, whatever their number (one per parallel worker), holds every row once: a table of
+/// one row too (its statistics have no histogram to split at). Reading leaves the session's settings as they were.
+#[tokio::test]
+async fn a_whole_table_read_in_slices_holds_every_row_once() {
+    let direct = Direct::new().await;
+    let customers: Vec<Value> = (0..40)
+        .map(|i| {
+            let id = format!("cus_slice{i:02}");
+            crate::helpers::customer_event(
+                &format!("evt_slice{i:02}"),
+                "customer.created",
+                1_000 + i,
+                &id,
+                &format!("{id}@example.com"),
+            )
+        })
+        .collect();
+    direct.apply(&customers).await;
+    direct
+        .apply(&[stripe_sync_testkit::stripe::event(
+            "evt_product",
+            "product.created",
+            1_000,
+            stripe_sync_testkit::stripe::object("product", "prod_one"),
+        )])
+        .await;
+    sqlx::query("analyze").execute(&direct.pool).await.unwrap();
+    let mut conn = direct.pool.acquire().await.unwrap();
+    for workers in [0, 2, 8] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "set max_parallel_workers_per_gather = {workers}"
+        )))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        for (table, rows) in [("customers", 40), ("products", 1)] {
+            let (all, distinct): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "select count(*), count(distinct id) from stripe.as_of(null::stripe.{table}, to_timestamp(5000))"
+            )))
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+            assert_eq!((all, distinct), (rows, rows), "{table}, {workers} workers");
+        }
+        // A child table's reading turns hash joins on for itself only.
+        sqlx::query("select count(*) from stripe.as_of(null::stripe.subscription_items, to_timestamp(5000))")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let settings: (String, String, String) = sqlx::query_as(
+            "select current_setting('enable_hashjoin'), current_setting('enable_mergejoin'), current_setting('jit')",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        assert_eq!(settings, ("on".into(), "on".into(), "on".into()));
+    }
+}
+
+/// A tie whose newer place in the stream was recorded first (a replay of events retention had pruned, say): `as_of`
+/// still decides it as the table did.
+#[tokio::test]
+async fn a_tie_recorded_against_stream_order_is_decided_as_the_table_decided_it() {
+    let direct = Direct::new().await;
+    let early = tied_update("evt_tie_b", "early@example.com", "first@example.com");
+    let late = tied_update("evt_tie_a", "late@example.com", "early@example.com");
+    direct.apply_at(&[(20, &early)]).await;
+    direct.apply_at(&[(10, &late)]).await;
+    for from in [
+        "stripe.customers",
+        "stripe.as_of(null::stripe.customers, to_timestamp(3000))",
+    ] {
+        assert_eq!(
+            direct
+                .scalar::<String>(&format!("select email from {from} where id = 'cus_tie'"))
+                .await,
+            "late@example.com",
+            "{from}"
+        );
+    }
+}
+
 /// Events recorded before history existed (a database migrated from an earlier release) get their place in it, and
 /// the work is done once.
 #[tokio::test]
@@ -443,8 +535,18 @@ async fn events_recorded_before_history_join_it() {
                 "cus_old",
                 "second@example.com",
             ),
+            // Two updates in one second, the later one first in the stream: a tie the table decided for the
+            // update whose previous state is the other's.
+            tied_update("evt_tie_1", "late@example.com", "early@example.com"),
+            tied_update("evt_tie_2", "early@example.com", "first@example.com"),
         ])
         .await;
+    assert_eq!(
+        direct
+            .scalar::<String>("select email from stripe.customers where id = 'cus_tie'")
+            .await,
+        "late@example.com"
+    );
     // As the release before history recorded them.
     sqlx::query("update stripe.events set _table = null, _row_id = null, _rank = null")
         .execute(&direct.pool)
@@ -464,7 +566,7 @@ async fn events_recorded_before_history_join_it() {
     let indexed = stripe_sync_applier::history::index_older_events(&direct.pool, registry)
         .await
         .unwrap();
-    assert_eq!(indexed, Some(2));
+    assert_eq!(indexed, Some(4));
     for (at, want) in [(1_500, "first@example.com"), (2_500, "second@example.com")] {
         assert_eq!(
             direct.scalar::<String>(&email_at(at)).await,
@@ -472,6 +574,15 @@ async fn events_recorded_before_history_join_it() {
             "email as of {at}"
         );
     }
+    assert_eq!(
+        direct
+            .scalar::<String>(
+                "select email from stripe.as_of(null::stripe.customers, to_timestamp(3000), array['cus_tie'])"
+            )
+            .await,
+        "late@example.com",
+        "the tie decided as the table decided it"
+    );
     let again = stripe_sync_applier::history::index_older_events(&direct.pool, registry)
         .await
         .unwrap();
