@@ -120,31 +120,13 @@ begin
     format('stripe.%s as it was at a moment: stripe.as_of(null::stripe.%s, at, ids).', tbl, tbl));
 end $$;
 
--- create_history_view as in 0006, with the per-table function above.
-create or replace function stripe.create_history_view(tbl text) returns void
+-- create_history_view: 0006's (the view, and the per-table function it wrote), then the per-table function above in
+-- place of 0006's.
+alter function stripe.create_history_view(text) rename to create_history_view_0006;
+create function stripe.create_history_view(tbl text) returns void
 language plpgsql as $$
 begin
-  if to_regclass(format('stripe.%I', tbl || '_history')) is not null then
-    execute format('drop view stripe.%I', tbl || '_history');
-  end if;
-  execute format(
-    'create view stripe.%I as select %s, to_timestamp(v.created) as _valid_from, '
-    'lead(to_timestamp(v.created)) over k as _valid_to, v._event_id, v._event_type '
-    'from (select u._account_id, u.livemode, u._parent_id, u._row_id, u._event_id, u.created, u._rank, '
-    'u._stream_seq, e._applied_at, e.type as _event_type, u._deleted, count(*) over g > 1 as _tied, '
-    'case when count(*) over g > 1 then u._event_id = stripe.version_winner(u._source, u._account_id, '
-    'u.livemode, u._group_id, u.created, u._rank, u._field, u._row_id) else true end as _wins, '
-    'stripe.version_object(case when u._object_event = u._event_id then e._raw_data else (select o._raw_data '
-    'from stripe.events o where o._account_id = u._account_id and o.id = u._object_event) end, u._field, '
-    'u._row_id) as _object '
-    'from (%s) u join stripe.events e on e._account_id = u._account_id and e.id = u._event_id '
-    'window g as (partition by u._row_id, u._parent_id, u._account_id, u.livemode, u.created, u._rank)) v '
-    'window k as (partition by v._row_id, v._parent_id, v._account_id, v.livemode '
-    'order by v.created, v._rank, v._wins, v._stream_seq)',
-    tbl || '_history', stripe.history_columns(tbl),
-    concat_ws(' union all ', stripe.history_sources(tbl, 'true', null), stripe.history_removals(tbl)));
-  execute format('comment on view stripe.%I is %L', tbl || '_history',
-    format('Every version of stripe.%s, from stripe.events (docs/history.md).', tbl));
+  perform stripe.create_history_view_0006(tbl);
   perform stripe.create_as_of_function(tbl);
 end $$;
 
