@@ -86,6 +86,55 @@ async fn new_fields_bigger_numbers_and_changed_types_never_fail_an_insert() {
 }
 
 #[tokio::test]
+async fn a_text_column_reads_every_json_shape_as_documented() {
+    let db = crate::helpers::Direct::new().await;
+    // Each shape a text field may take, in fields of one customer, and what its typed column holds.
+    let shapes = [
+        ("description", json!("plain"), Some("plain")),
+        (
+            "name",
+            json!("quote \" and \u{e9}"),
+            Some("quote \" and \u{e9}"),
+        ),
+        ("phone", json!(""), Some("")),
+        ("email", json!(null), None),
+        ("currency", json!(1.5), Some("1.5")),
+        ("tax_exempt", json!(true), Some("true")),
+        (
+            "default_source",
+            json!({ "id": "card_1", "object": "card" }),
+            Some("card_1"),
+        ),
+        ("test_clock", json!({ "id": 7 }), Some("7")),
+        (
+            "invoice_prefix",
+            json!({ "id": null, "a": 1 }),
+            Some(r#"{"a": 1, "id": null}"#),
+        ),
+    ];
+    let mut object = stripe::object("customer", "cus_shapes");
+    for (field, value, _) in &shapes {
+        object[*field] = value.clone();
+    }
+    db.apply(&[stripe::event("evt_shapes", "customer.updated", 100, object)])
+        .await;
+    for (field, value, expected) in shapes {
+        let sql = format!("select {field} from stripe.customers where id = 'cus_shapes'");
+        let in_table: Option<String> = db.scalar(&sql).await;
+        assert_eq!(in_table.as_deref(), expected, "{field} = {value}");
+        let sql = format!(
+            "select {field} from stripe.as_of(null::stripe.customers, to_timestamp(100)) where id = 'cus_shapes'"
+        );
+        let in_history: Option<String> = db.scalar(&sql).await;
+        assert_eq!(
+            in_history.as_deref(),
+            expected,
+            "{field} = {value}, as of then"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_column_added_for_a_new_stripe_field_is_filled_and_underscore_columns_are_left_alone() {
     let env = TestEnv::new().await;
     stripe_sync_applier::migrate::run(&env.pool).await.unwrap();
