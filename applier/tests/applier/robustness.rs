@@ -88,42 +88,66 @@ async fn new_fields_bigger_numbers_and_changed_types_never_fail_an_insert() {
 #[tokio::test]
 async fn a_text_column_reads_every_json_shape_as_documented() {
     let db = crate::helpers::Direct::new().await;
-    // Each shape a text field may take, in fields of one customer, and what its typed column holds.
+    // Each shape a text field may take, in the text fields of two customers, and what its typed column holds.
     let shapes = [
-        ("description", json!("plain"), Some("plain")),
+        ("cus_shapes", "description", json!("plain"), Some("plain")),
         (
+            "cus_shapes",
             "name",
             json!("quote \" and \u{e9}"),
             Some("quote \" and \u{e9}"),
         ),
-        ("phone", json!(""), Some("")),
-        ("email", json!(null), None),
-        ("currency", json!(1.5), Some("1.5")),
-        ("tax_exempt", json!(true), Some("true")),
+        ("cus_shapes", "phone", json!(""), Some("")),
+        ("cus_shapes", "email", json!(null), None),
+        ("cus_shapes", "currency", json!(1.5), Some("1.5")),
+        ("cus_shapes", "tax_exempt", json!(true), Some("true")),
         (
+            "cus_shapes",
             "default_source",
             json!({ "id": "card_1", "object": "card" }),
             Some("card_1"),
         ),
-        ("test_clock", json!({ "id": 7 }), Some("7")),
+        ("cus_shapes", "test_clock", json!({ "id": 7 }), Some("7")),
         (
+            "cus_shapes",
             "invoice_prefix",
             json!({ "id": null, "a": 1 }),
             Some(r#"{"a": 1, "id": null}"#),
         ),
+        (
+            "cus_shapes2",
+            "description",
+            json!(["a", 1]),
+            Some(r#"["a", 1]"#),
+        ),
+        ("cus_shapes2", "name", json!({}), Some("{}")),
+        ("cus_shapes2", "phone", json!([]), Some("[]")),
+        ("cus_shapes2", "email", json!({ "id": true }), Some("true")),
+        (
+            "cus_shapes2",
+            "currency",
+            json!({ "id": { "id": "x" } }),
+            Some(r#"{"id": "x"}"#),
+        ),
+        ("cus_shapes2", "tax_exempt", json!(-7), Some("-7")),
     ];
-    let mut object = stripe::object("customer", "cus_shapes");
-    for (field, value, _) in &shapes {
-        object[*field] = value.clone();
-    }
-    db.apply(&[stripe::event("evt_shapes", "customer.updated", 100, object)])
-        .await;
-    for (field, value, expected) in shapes {
-        let sql = format!("select {field} from stripe.customers where id = 'cus_shapes'");
+    let events: Vec<_> = ["cus_shapes", "cus_shapes2"]
+        .into_iter()
+        .map(|id| {
+            let mut object = stripe::object("customer", id);
+            for (_, field, value, _) in shapes.iter().filter(|s| s.0 == id) {
+                object[*field] = value.clone();
+            }
+            stripe::event(&format!("evt_{id}"), "customer.updated", 100, object)
+        })
+        .collect();
+    db.apply(&events).await;
+    for (id, field, value, expected) in shapes {
+        let sql = format!("select {field} from stripe.customers where id = '{id}'");
         let in_table: Option<String> = db.scalar(&sql).await;
         assert_eq!(in_table.as_deref(), expected, "{field} = {value}");
         let sql = format!(
-            "select {field} from stripe.as_of(null::stripe.customers, to_timestamp(100)) where id = 'cus_shapes'"
+            "select {field} from stripe.as_of(null::stripe.customers, to_timestamp(100)) where id = '{id}'"
         );
         let in_history: Option<String> = db.scalar(&sql).await;
         assert_eq!(
