@@ -6,6 +6,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use stripe_sync_shared::event_head::HeadError;
+use stripe_sync_shared::payload::Unstorable;
 
 use crate::publish::PublishError;
 use crate::signature::SignatureError;
@@ -19,6 +20,10 @@ pub enum ApiError {
     /// Correctly signed, but not a Stripe event: 400.
     #[error(transparent)]
     NotAnEvent(#[from] HeadError),
+    /// A Stripe event, but not one that can be stored as it is (a key twice, a lone surrogate, a `created` out of
+    /// range...): 400.
+    #[error(transparent)]
+    Unstorable(#[from] Unstorable),
     /// Body above the limit: 413.
     #[error("body is larger than the {limit}-byte limit")]
     PayloadTooLarge {
@@ -68,6 +73,10 @@ impl ApiError {
             Self::NotAnEvent(HeadError::NotAnEvent(_)) => {
                 (StatusCode::BAD_REQUEST, "body_not_an_event")
             }
+            Self::Unstorable(Unstorable::Created { .. }) => {
+                (StatusCode::BAD_REQUEST, "created_out_of_range")
+            }
+            Self::Unstorable(_) => (StatusCode::BAD_REQUEST, "body_unstorable"),
             Self::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::BodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
             Self::BadBody => (StatusCode::BAD_REQUEST, "body_unreadable"),

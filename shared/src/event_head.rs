@@ -260,6 +260,8 @@ pub struct RoutingHead<'a> {
     pub id: Cow<'a, str>,
     /// Event type.
     pub event_type: Cow<'a, str>,
+    /// Unix second Stripe created the event (see [`EventHead::created`]).
+    pub created: i64,
     /// Connected account, if any.
     pub account: Option<Cow<'a, str>>,
     /// `data.object.id`, if any.
@@ -275,11 +277,9 @@ impl<'a> RoutingHead<'a> {
     pub fn parse(body: &'a [u8]) -> Result<Self, HeadError> {
         let head: EventHead<'a, ObjectHead<'a>> = parse_object(body)?;
         let thin = head.is_thin();
-        if head.created().is_none() {
-            return Err(HeadError::NotAnEvent(
-                "no `created` (unix seconds, or an RFC 3339 time in a thin event)",
-            ));
-        }
+        let created = head.created().ok_or(HeadError::NotAnEvent(
+            "no `created` (unix seconds, or an RFC 3339 time in a thin event)",
+        ))?;
         let id = head.id.ok_or(HeadError::NotAnEvent("no string `id`"))?;
         let id = checked_name(
             id,
@@ -303,6 +303,7 @@ impl<'a> RoutingHead<'a> {
         Ok(Self {
             id,
             event_type,
+            created,
             account: if thin {
                 head.account.or(head.context)
             } else {

@@ -5,6 +5,7 @@ pub mod event_head;
 pub mod metrics;
 pub use config::ConfigError;
 pub mod nats;
+pub mod payload;
 pub mod settings;
 pub mod shutdown;
 pub mod subjects;

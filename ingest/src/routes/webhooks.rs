@@ -10,6 +10,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use stripe_sync_shared::event_head::RoutingHead;
 use stripe_sync_shared::metrics::names;
+use stripe_sync_shared::payload;
 use tower_http::timeout::TimeoutError;
 
 use super::{AppState, DEFAULT_ENDPOINT};
@@ -107,9 +108,12 @@ async fn handle(
     })?;
 
     let signature = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
-    verifier.verify(signature, &body, unix_now())?;
+    let now = unix_now();
+    verifier.verify(signature, &body, now)?;
 
     let head = RoutingHead::parse(&body)?;
+    payload::check_created(head.created, now)?;
+    payload::check_structure(&body)?;
     span.record("event_id", head.id.as_ref());
     span.record("event_type", head.event_type.as_ref());
 

@@ -185,6 +185,75 @@ async fn signed_bodies_that_are_not_stripe_events_get_400_naming_the_reason() {
     }
 }
 
+/// Signed events ingest could accept but the database could not store, or would store otherwise than they were
+/// routed: refused with a 400 naming what is wrong, never accepted and then dead-lettered.
+#[tokio::test]
+async fn signed_events_that_cannot_be_stored_as_they_are_get_400_naming_what() {
+    let router = router(&[]).await;
+    let t = now();
+    let head = |rest: &str| {
+        format!(r#"{{"id":"evt_x","object":"event","type":"customer.updated","created":{t},"livemode":false,{rest}}}"#)
+    };
+    let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+    let cases: Vec<(String, &str, String)> = vec![
+        (
+            head(r#""data":{"object":{"id":"cus_A","object":"customer"},"object":{"id":"cus_B","object":"customer"}}"#),
+            "body_unstorable",
+            r#"the key "object" appears twice in data"#.into(),
+        ),
+        (
+            head(r#""data":{"object":{"id":"cus_first","object":"customer","id":"cus_last"}}"#),
+            "body_unstorable",
+            r#"the key "id" appears twice in data.object"#.into(),
+        ),
+        (
+            head(r#""data":{"object":{"id":"cus_1","object":"customer","email":"x\ud800y"}}"#),
+            "body_unstorable",
+            "surrogate".into(),
+        ),
+        (
+            head(r#""data":{"object":{"id":"cus_1","object":"customer","balance":1e999999}}"#),
+            "body_unstorable",
+            "64-bit float".into(),
+        ),
+        (
+            head(&format!(r#""extra":{},"data":{{"object":{{"id":"cus_1","object":"customer"}}}}"#, deep(100_000))),
+            "body_unstorable",
+            "nested deeper than 64 levels".into(),
+        ),
+        (
+            head(&format!(r#""data":{{"object":{{"id":"cus_1","object":"customer","livemode":{}}}}}"#, deep(130))),
+            "body_unstorable",
+            "nested deeper than 64 levels at data.object.livemode".into(),
+        ),
+        (
+            head(&format!(r#""data":{{"object":{{"id":"{}","object":"customer"}}}}"#, "c".repeat(8_000))),
+            "body_unstorable",
+            "`data.object.id` is longer than 1024 bytes".into(),
+        ),
+    ];
+    let mut cases = cases;
+    for created in [i64::MAX, 0, 1_000_000_000, t + 2 * 86_400] {
+        cases.push((
+            format!(r#"{{"id":"evt_t","object":"event","type":"customer.updated","created":{created},"data":{{"object":{{"id":"cus_1","object":"customer"}}}}}}"#),
+            "created_out_of_range",
+            format!("`created` {created} is not a time Stripe could have stamped"),
+        ));
+    }
+    for (payload, code, reason) in cases {
+        let body = payload.into_bytes();
+        let (status, error, message) =
+            post(&router, "/webhooks", body.clone(), signed(&body)).await;
+        let shown: String = String::from_utf8_lossy(&body).chars().take(120).collect();
+        assert_eq!(
+            (status, error.as_str()),
+            (StatusCode::BAD_REQUEST, code),
+            "{shown}: {message}"
+        );
+        assert!(message.contains(&reason), "{shown}: {message}");
+    }
+}
+
 #[tokio::test]
 async fn a_body_over_the_limit_gets_413() {
     let router = router(&[("STRIPE_SYNC__HTTP__BODY_LIMIT", "65536")]).await;
