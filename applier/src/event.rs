@@ -11,7 +11,10 @@ use serde_json::value::RawValue;
 use stripe_sync_shared::event_head::{self, EventHead};
 
 use crate::error::ApplyError;
-use crate::version::{FORWARD_ONLY, Kind};
+use crate::version::{Kind, SetFields};
+
+/// The last second of year 9999: the latest `created` the applier stores.
+pub const MAX_CREATED: i64 = 253_402_300_799;
 
 /// One event, ready to apply.
 #[derive(Debug, Clone)]
@@ -33,8 +36,9 @@ pub struct Incoming {
     pub livemode: Option<bool>,
     /// `data.object.livemode`, for events that lack their own.
     object_livemode: Option<bool>,
-    /// Forward-only fields set in the object ([`FORWARD_ONLY`]): orders states within a second.
-    pub progress: u32,
+    /// Lifecycle fields set in the object ([`crate::version::FORWARD_CANDIDATES`]); the registry says which of
+    /// them order states of the object's type within a second.
+    pub set_fields: SetFields,
     /// API version.
     pub api_version: Option<String>,
     /// `data.object.object`.
@@ -83,6 +87,13 @@ impl Incoming {
                 "no `created` (unix seconds, or an RFC 3339 time in a thin event)".into(),
             )
         })?;
+        // Stored as a timestamp by history reads: a second no `timestamptz` can hold would break every read of the
+        // row's history (ingest refuses anything outside 2009..now+1 day; this holds for what is already stored).
+        if !(0..=MAX_CREATED).contains(&created) {
+            return Err(ApplyError::Unreadable(format!(
+                "`created` {created} is not a time (0..={MAX_CREATED})"
+            )));
+        }
         let thin = head.is_thin();
         let account = head.account().map(str::to_owned);
         let id = head
@@ -94,15 +105,15 @@ impl Incoming {
             .ok_or_else(|| ApplyError::Unreadable("no string `type`".into()))?
             .into_owned();
         let (facts, object_span) = match head.data.object {
-            Some(raw) => {
+            // An object whose facts can't be read is refused with the reason, never taken for "no object".
+            Some(raw) if raw.get().starts_with('{') => {
                 let start = raw.get().as_ptr() as usize - json.as_ptr() as usize;
-                (
-                    serde_json::from_str::<ObjectFacts<'_>>(raw.get()).unwrap_or_default(),
-                    raw.get()
-                        .starts_with('{')
-                        .then(|| start..start + raw.get().len()),
-                )
+                let facts = serde_json::from_str::<ObjectFacts<'_>>(raw.get()).map_err(|e| {
+                    ApplyError::Unreadable(format!("`data.object` can't be read: {e}"))
+                })?;
+                (facts, Some(start..start + raw.get().len()))
             }
+            Some(_) => (ObjectFacts::default(), None),
             None => (ObjectFacts::default(), None),
         };
         let (mut object_type, mut object_id) = (
@@ -125,7 +136,7 @@ impl Incoming {
             account,
             livemode: head.livemode,
             object_livemode: facts.livemode,
-            progress: facts.progress,
+            set_fields: facts.set_fields,
             api_version: head.api_version.map(|s| s.into_owned()),
             object_type,
             object_id,
@@ -160,6 +171,13 @@ impl Incoming {
         self.livemode.or(self.object_livemode).unwrap_or(false)
     }
 
+    /// How many forward-only fields of its type (`spec`, the registry's `forward_only`) the object has set: the
+    /// state with more of them set is the later one within a second.
+    #[must_use]
+    pub fn progress(&self, spec: &crate::registry::ObjectSpec) -> u32 {
+        self.set_fields.progress(&spec.forward_only)
+    }
+
     /// What kind of write the event is, for ordering within a second.
     pub fn kind(&self) -> Kind {
         if self.event_type.starts_with(crate::snapshot::SNAPSHOT_TYPE) {
@@ -172,17 +190,17 @@ impl Incoming {
     }
 }
 
-/// What the applier reads of `data.object` in the same pass: id, type, livemode and the forward-only fields set.
+/// What the applier reads of `data.object` in the same pass: id, type, livemode and the lifecycle fields set.
 /// Fields of unexpected JSON types read as absent.
 #[derive(Debug, Default)]
 struct ObjectFacts<'a> {
     id: Option<Cow<'a, str>>,
     object: Option<Cow<'a, str>>,
     livemode: Option<bool>,
-    progress: u32,
+    set_fields: SetFields,
 }
 
-/// A value counted as "set" for [`FORWARD_ONLY`]: a number, a string or `true`; an object counts its set members.
+/// A value counted as "set" for [`SetFields`]: a number, a string or `true`; an object counts its set members.
 struct SetCount(u32);
 
 impl<'de> Deserialize<'de> for SetCount {
@@ -226,6 +244,49 @@ impl<'de> Deserialize<'de> for SetCount {
     }
 }
 
+/// A boolean, or absent for a value of any other JSON type (read without building it).
+struct LenientBool(Option<bool>);
+
+impl<'de> Deserialize<'de> for LenientBool {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = LenientBool;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<LenientBool, E> {
+                Ok(LenientBool(Some(v)))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<LenientBool, E> {
+                Ok(LenientBool(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<LenientBool, E> {
+                Ok(LenientBool(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<LenientBool, E> {
+                Ok(LenientBool(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<LenientBool, E> {
+                Ok(LenientBool(None))
+            }
+            fn visit_unit<E>(self) -> Result<LenientBool, E> {
+                Ok(LenientBool(None))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<LenientBool, A::Error> {
+                IgnoredAny.visit_seq(seq).map(|_| LenientBool(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<LenientBool, A::Error> {
+                IgnoredAny.visit_map(map).map(|_| LenientBool(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 impl<'de: 'a, 'a> Deserialize<'de> for ObjectFacts<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V<'a>(std::marker::PhantomData<&'a ()>);
@@ -242,16 +303,12 @@ impl<'de: 'a, 'a> Deserialize<'de> for ObjectFacts<'a> {
                         "object" if facts.object.is_none() => {
                             facts.object = event_head::lenient(&mut map)?
                         }
-                        "livemode" => {
-                            facts.livemode = match map.next_value::<serde_json::Value>()? {
-                                serde_json::Value::Bool(b) => Some(b),
-                                _ => None,
-                            }
-                        }
-                        field if FORWARD_ONLY.contains(&field) => {
-                            facts.progress = facts
-                                .progress
-                                .saturating_add(map.next_value::<SetCount>()?.0);
+                        "livemode" => facts.livemode = map.next_value::<LenientBool>()?.0,
+                        field if SetFields::counts(field) => {
+                            let SetCount(n) = map.next_value()?;
+                            facts
+                                .set_fields
+                                .add(field, u16::try_from(n).unwrap_or(u16::MAX));
                         }
                         _ => {
                             map.next_value::<IgnoredAny>()?;
@@ -325,7 +382,13 @@ mod tests {
             "data":{"object":{"id":"in_1","object":"invoice","livemode":true,"paid":true,"canceled_at":null,
             "status_transitions":{"finalized_at":16,"paid_at":17,"voided_at":null},"metadata":{"paid_at":"x"}}}}"#;
         let e = Incoming::parse(1, body).unwrap();
-        assert_eq!(e.progress, 3, "paid, finalized_at, paid_at");
+        let registry = crate::registry::Registry::shipped();
+        let spec = |t: &str| registry.get(t).unwrap();
+        assert_eq!(
+            e.progress(spec("invoice")),
+            3,
+            "paid, finalized_at, paid_at"
+        );
         assert_eq!(e.object_id.as_deref(), Some("in_1"));
         assert!(
             e.livemode(),
@@ -334,8 +397,56 @@ mod tests {
         assert_eq!(e.kind(), Kind::Change);
         let created = Incoming::parse(1, br#"{"id":"e","type":"invoice.created","created":1,"livemode":false,"data":{"object":{"id":"in_1","livemode":true}}}"#).unwrap();
         assert_eq!(
-            (created.kind(), created.livemode(), created.progress),
+            (
+                created.kind(),
+                created.livemode(),
+                created.progress(spec("invoice"))
+            ),
             (Kind::Created, false, 0)
+        );
+        // A subscription's `canceled_at` is cleared when a cancellation at period end is undone: it orders nothing.
+        let canceled = Incoming::parse(1, br#"{"id":"e","type":"customer.subscription.updated","created":1,
+            "data":{"object":{"id":"sub_1","object":"subscription","canceled_at":5,"ended_at":null}}}"#).unwrap();
+        assert_eq!(canceled.progress(spec("subscription")), 0);
+    }
+
+    #[test]
+    fn a_created_no_timestamp_can_hold_is_refused() {
+        for created in ["9223372036854775807", "-1"] {
+            let body = format!(
+                r#"{{"id":"e","type":"customer.updated","created":{created},"data":{{"object":{{"id":"cus_1","object":"customer"}}}}}}"#
+            );
+            assert!(
+                matches!(Incoming::parse(1, body.as_bytes()), Err(ApplyError::Unreadable(r)) if r.contains("created")),
+                "{created}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_object_whose_facts_cannot_be_read_is_refused_with_the_reason_not_taken_for_no_object() {
+        // Deeper than the JSON reader's limit (128) where the reader descends: ingest refuses this (depth > 64);
+        // one already in the stream is dead-lettered with the reason.
+        let deep = format!("{}1{}", r#"{"a":"#.repeat(130), "}".repeat(130));
+        let body = format!(
+            r#"{{"id":"evt_1","type":"invoice.updated","created":17,"data":{{"object":{{"id":"in_1","object":"invoice","status_transitions":{deep}}}}}}}"#
+        );
+        match Incoming::parse(1, body.as_bytes()) {
+            Err(ApplyError::Unreadable(reason)) => {
+                assert!(reason.contains("data.object"), "{reason}")
+            }
+            other => panic!("expected Unreadable, got {other:?}"),
+        }
+        // A livemode of another JSON type (however deep) reads as absent, the object is still read.
+        let odd = format!(
+            r#"{{"id":"e","type":"customer.updated","created":1,"data":{{"object":{{"id":"cus_1","object":"customer","livemode":{}1{}}}}}}}"#,
+            "[".repeat(130),
+            "]".repeat(130)
+        );
+        let odd = Incoming::parse(1, odd.as_bytes()).unwrap();
+        assert_eq!(
+            (odd.object_id.as_deref(), odd.livemode()),
+            (Some("cus_1"), false)
         );
     }
 

@@ -164,7 +164,7 @@ fn route<'a>(
         event_id: &event.id,
         version: Version {
             created: event.created,
-            rank: Rank::new(deleted, event.progress, event.kind()),
+            rank: Rank::new(deleted, event.progress(spec), event.kind()),
         },
         seq,
     };

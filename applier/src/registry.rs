@@ -68,6 +68,13 @@ pub struct ObjectSpec {
     /// How the API lists it, if it can be listed on its own.
     #[serde(default)]
     pub list: Option<ListEndpoint>,
+    /// Lifecycle fields ([`crate::version::FORWARD_CANDIDATES`]) that only move forward in this type: within one
+    /// second, the state with more of them set is the later one.
+    #[serde(default)]
+    pub forward_only: Vec<String>,
+    /// Lifecycle fields this type has that can move back (so they order nothing), each with the reason.
+    #[serde(default)]
+    pub moves_back: std::collections::BTreeMap<String, String>,
 }
 
 /// An API operation listing an object type.
@@ -241,6 +248,47 @@ mod tests {
             registry.by_type.len(),
             "an object type appears twice"
         );
+    }
+
+    #[test]
+    fn every_lifecycle_field_of_stripes_example_objects_is_declared_forward_only_or_moving_back() {
+        use crate::version::FORWARD_CANDIDATES;
+        let registry = Registry::shipped();
+        let fixtures: serde_json::Value =
+            serde_json::from_str(include_str!("../../testdata/stripe/fixtures3.json")).unwrap();
+        let examples = fixtures["resources"].as_object().unwrap();
+        let mut checked = 0;
+        for example in examples.values() {
+            let Some(spec) = example["object"].as_str().and_then(|t| registry.get(t)) else {
+                continue;
+            };
+            for field in FORWARD_CANDIDATES
+                .iter()
+                .filter(|f| example.get(**f).is_some())
+            {
+                checked += 1;
+                let forward = spec.forward_only.iter().any(|f| f == field);
+                let back = spec.moves_back.contains_key(*field);
+                assert!(
+                    forward != back,
+                    "{}.{field}: declare it in exactly one of forward_only and moves_back",
+                    spec.object_type
+                );
+            }
+        }
+        assert!(
+            checked >= 20,
+            "the examples have lifecycle fields ({checked})"
+        );
+        for spec in registry.objects() {
+            for field in spec.forward_only.iter().chain(spec.moves_back.keys()) {
+                assert!(
+                    FORWARD_CANDIDATES.contains(&field.as_str()),
+                    "{}.{field} is not a field the event reader counts",
+                    spec.object_type
+                );
+            }
+        }
     }
 
     #[test]

@@ -253,10 +253,13 @@ fn tie_losers_sql(spec: &ObjectSpec) -> String {
 ///
 /// - Every write's list adds or updates its items, each under the guard with the parent write's version, so an
 ///   item's data comes from the newest parent state that names it, whatever order states arrive in.
-/// - An owned item is `deleted` exactly when the parent's current state is a tombstone, or names a complete list
-///   without it. A removal is not a tombstone: it changes no version, and the item comes back if a newer state
-///   names it. Items missing from a list Stripe cut short (`has_more`), or from a parent whose payload lacks the
-///   list (charges' `refunds` since API version 2022-11-15), are not known to be gone.
+/// - An owned item is `deleted` from the first parent state after the newest one naming it that is a tombstone or
+///   holds the complete list (migrations/0009, `stripe.list_removed`: the same rule history reads by). A removal
+///   is not a tombstone: it changes no version, and the item comes back when a newer state names it. A list Stripe
+///   cut short (`has_more`), or a parent whose payload lacks the list (charges' `refunds` since API version
+///   2022-11-15), decides nothing: it neither removes an item nor brings a removed one back.
+/// - An item with events of its own (not owned: a refund in a charge's list) is ranked by its own forward-only
+///   fields as a snapshot of the parent's second, so its own change event of that second is the newer state.
 /// - `stripe.incomplete_lists` records the parents whose current list is cut short, and forgets those whose
 ///   current list is complete; a parent without the list changes neither.
 fn list_sql(parent: &ObjectSpec, child: &ChildList, columns: &[TypedColumn]) -> String {
@@ -268,29 +271,35 @@ fn list_sql(parent: &ObjectSpec, child: &ChildList, columns: &[TypedColumn]) -> 
               and {list} -> 'has_more' is distinct from 'true'::jsonb)"
         )
     };
-    // The ids of the parent's current list, read once per parent write.
-    let names = |p: &str, id: &str| format!("{id} = any({p}.current_ids)");
-    let (parent_column, parent_value, item_key, item_deleted, flagged) = if child.owned {
-        let gone_unnamed = format!("(p.parent_deleted or {})", complete("p.current_list"));
+    // The ids of a parent write's list, read once per parent write.
+    let names = |p: &str, id: &str| format!("{id} = any({p}.list_ids)");
+    let (parent_column, parent_value, item_key, item_deleted, flagged, item_rank) = if child.owned {
         (
             "_parent_id, ",
             "i.id, ",
             "p.account, p.livemode, p.id, item ->> 'id'",
-            // The write that became the parent's state names its items: only a losing write's items are checked
-            // against the current list.
+            // The write that became the parent's state: its items are deleted when it is a tombstone. A write that
+            // lost: also when a parent version after it removed the item (stripe.list_removed, the rule history
+            // reads by).
             format!(
-                "case when i.won then i.parent_deleted else (i.parent_deleted or ({} and not {})) end",
-                complete("i.current_list"),
-                names("i", "i.item ->> 'id'")
+                "case when i.won then i.parent_deleted else (i.parent_deleted or stripe.list_removed('{parent_table}', \
+                 '{field}', i.account, i.livemode, i.id, i.created, i.rank, i.seq, i.item ->> 'id')) end"
             ),
+            // Every write that decides the list (a tombstone, a complete list), won or not, removes the items it
+            // does not name whose state is older than it. A cut-short or absent list removes nothing, and nothing
+            // but a newer write naming an item brings it back.
             format!(
-                "update stripe.\"{child_table}\" as t set deleted = {gone_unnamed}, _updated_at = now() \
+                "update stripe.\"{child_table}\" as t set deleted = true, _updated_at = now() \
                  from parents p \
-                 where p.won and t._account_id = p.account and t.livemode = p.livemode and t._parent_id = p.id \
-                   and not {named} and t.deleted is distinct from {gone_unnamed} \
+                 where (p.deleted or {decides}) and t._account_id = p.account and t.livemode = p.livemode \
+                   and t._parent_id = p.id and not t.deleted and not {named} \
+                   and (t._last_event_created, t._last_event_rank, t._last_event_seq) < (p.created, p.rank, p.seq) \
                  returning 1",
+                decides = complete("p.list"),
                 named = names("p", "t.id"),
             ),
+            // An owned item has no life of its own: it is as new as the parent state that lists it.
+            "i.rank".to_owned(),
         )
     } else {
         (
@@ -299,6 +308,14 @@ fn list_sql(parent: &ObjectSpec, child: &ChildList, columns: &[TypedColumn]) -> 
             "p.account, p.livemode, item ->> 'id'",
             "i.parent_deleted".to_owned(),
             "select 1 where false".to_owned(),
+            // An item with its own events (a refund in a charge's list) is ranked by its own fields, as a snapshot
+            // of the parent's second: its own change event of that second is newer than the parent's copy.
+            format!(
+                "(case when i.parent_deleted then {tombstone} else 0 end) + 10 * ({progress}) + {snapshot}",
+                tombstone = crate::version::Rank::new(true, 0, crate::version::Kind::Created).get(),
+                progress = progress_sql("i.item", &child.child.forward_only),
+                snapshot = crate::version::Kind::Snapshot as i32,
+            ),
         )
     };
     // A write that lost: its list, from its event (a winner's is the parent's current list, read anyway).
@@ -307,14 +324,16 @@ fn list_sql(parent: &ObjectSpec, child: &ChildList, columns: &[TypedColumn]) -> 
          where e._account_id = w.account and e.id = w.event_id limit 1"
     );
     format!(
-        "with parents as ( \
+        "with writes as ( \
            select w.*, cur.list as current_list, cur.deleted as parent_deleted, \
-             case when w.won then cur.list else ({event_list}) end as list, \
-             array(select named ->> 'id' from jsonb_array_elements(case when jsonb_typeof(cur.list -> 'data') = 'array' \
-               then cur.list -> 'data' else '[]'::jsonb end) as named) as current_ids \
+             case when w.won then cur.list else ({event_list}) end as list \
            from {WRITES_WON} \
            cross join lateral (select p._raw_data -> '{field}' as list, p.deleted from stripe.\"{parent_table}\" p \
              where p._account_id = w.account and p.livemode = w.livemode and p.id = w.id limit 1) cur), \
+         parents as ( \
+           select w.*, array(select named ->> 'id' from jsonb_array_elements(case when jsonb_typeof(w.list -> 'data') \
+             = 'array' then w.list -> 'data' else '[]'::jsonb end) as named) as list_ids \
+           from writes w), \
          items as ( \
            select distinct on ({item_key}) p.*, item \
            from parents p cross join lateral jsonb_array_elements( \
@@ -323,8 +342,8 @@ fn list_sql(parent: &ObjectSpec, child: &ChildList, columns: &[TypedColumn]) -> 
            order by {item_key}, p.created desc, p.rank desc, p.seq desc), \
          upserted as ( \
            insert into stripe.\"{child_table}\" as t (_account_id, livemode, id, {parent_column}{STATE_COLUMNS}{names}) \
-           select i.account, i.livemode, i.item ->> 'id', {parent_value}{item_deleted}, i.event_id, i.created, i.rank, \
-             i.seq, i.item{values} \
+           select i.account, i.livemode, i.item ->> 'id', {parent_value}{item_deleted}, i.event_id, i.created, \
+             {item_rank}, i.seq, i.item{values} \
            from items i \
            on conflict ({key}) do update set {SET_STATE}{sets} where {guard} \
            returning 1), \
@@ -352,6 +371,29 @@ fn list_sql(parent: &ObjectSpec, child: &ChildList, columns: &[TypedColumn]) -> 
         sets = t.sets,
         guard = newer("excluded", "t"),
     )
+}
+
+/// How many of the forward-only `fields` the JSON object `object` has set, as SQL: the count [`Incoming`] makes
+/// of an event's object (a number, a string or `true`; an object counts its members set so).
+fn progress_sql(object: &str, fields: &[String]) -> String {
+    let set =
+        |v: &str| format!("(jsonb_typeof({v}) in ('number', 'string') or {v} = 'true'::jsonb)");
+    if fields.is_empty() {
+        return "0".to_owned();
+    }
+    fields
+        .iter()
+        .map(|f| {
+            let v = format!("({object} -> '{}')", f.replace('\'', "''"));
+            format!(
+                "case when jsonb_typeof({v}) = 'object' \
+                   then (select count(*)::int from jsonb_each({v}) m where {member}) else {scalar}::int end",
+                member = set("m.value"),
+                scalar = set(&v),
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" + ")
 }
 
 /// Records the batch's events in `stripe.events`; returns the keys `(account, id)` that were not there before.
@@ -412,7 +454,7 @@ pub async fn insert_events(
 /// The `_rank` of an event that writes no row: set all the same, so that a null `_rank` means "recorded before
 /// history" (migrations/0006), an event retention must not take for one without a row.
 pub fn unplaced_rank(event: &Incoming) -> i32 {
-    crate::version::Rank::new(false, event.progress, event.kind()).get()
+    crate::version::Rank::new(false, 0, event.kind()).get()
 }
 
 /// The place in the stream's order each of these events was recorded with when first applied (for `replay

@@ -3,10 +3,11 @@
 //! (`stripe.tie_break`: the events' `previous_attributes`, then stream order). See docs/design.md, "The ordering
 //! rule".
 
-/// Fields that only move forward in any object that has them: a timestamp, once set, stays set; a flag, once true,
-/// stays true. Within one second, the state with more of them set is the later one (an invoice `paid` after it was
-/// `finalized`). An object-valued field (`status_transitions`) counts each of its members.
-pub const FORWARD_ONLY: &[&str] = &[
+/// Fields the event reader counts as set, for the registry's per-type `forward_only` (and `moves_back`) lists:
+/// timestamps and flags of an object's lifecycle. Which of them only move forward depends on the type (a
+/// subscription's `canceled_at` is cleared when a cancellation at period end is undone; a charge's `refunded` goes
+/// back when a refund fails), so the registry says, per type, which ones order states within a second.
+pub const FORWARD_CANDIDATES: &[&str] = &[
     "status_transitions",
     "canceled_at",
     "ended_at",
@@ -17,6 +18,37 @@ pub const FORWARD_ONLY: &[&str] = &[
     "captured",
     "refunded",
 ];
+
+/// How many of each [`FORWARD_CANDIDATES`] field an object has set: a number, a string or `true` counts one; an
+/// object (`status_transitions`) counts its set members.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SetFields(pub [u16; FORWARD_CANDIDATES.len()]);
+
+impl SetFields {
+    /// Adds `count` set values of the candidate field `field`; other fields are ignored.
+    pub fn add(&mut self, field: &str, count: u16) {
+        if let Some(i) = FORWARD_CANDIDATES.iter().position(|c| *c == field) {
+            self.0[i] = self.0[i].saturating_add(count);
+        }
+    }
+
+    /// Whether `field` is a candidate the reader counts.
+    #[must_use]
+    pub fn counts(field: &str) -> bool {
+        FORWARD_CANDIDATES.contains(&field)
+    }
+
+    /// The progress of a state of a type whose forward-only fields are `forward_only`: how many of them are set.
+    #[must_use]
+    pub fn progress<S: AsRef<str>>(&self, forward_only: &[S]) -> u32 {
+        FORWARD_CANDIDATES
+            .iter()
+            .zip(self.0)
+            .filter(|(c, _)| forward_only.iter().any(|f| f.as_ref() == **c))
+            .map(|(_, n)| u32::from(n))
+            .sum()
+    }
+}
 
 /// What kind of write produced a state, for ordering within one second.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

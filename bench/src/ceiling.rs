@@ -49,7 +49,8 @@ fn staging_rows(events: &[&Incoming], registry: &Registry) -> String {
         let tombstone =
             e.is_delete() && spec.is_some_and(|s| s.on_delete == DeletePolicy::Tombstone);
         let deleted = tombstone.to_string();
-        let rank = Rank::new(tombstone, e.progress, e.kind()).get().to_string();
+        let progress = spec.map_or(0, |s| e.progress(s));
+        let rank = Rank::new(tombstone, progress, e.kind()).get().to_string();
         let fields: [Option<&str>; 13] = [
             Some(e.account.as_deref().unwrap_or("platform")),
             Some(&e.id),

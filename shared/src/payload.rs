@@ -86,7 +86,9 @@ fn explained(err: &serde_json::Error) -> String {
     let message = err.to_string();
     let at = format!("line {} column {}", err.line(), err.column());
     if message.contains("hex escape") || message.contains("surrogate") {
-        format!("a string with an invalid \\u escape (a lone UTF-16 surrogate Postgres can't store) at {at}")
+        format!(
+            "a string with an invalid \\u escape (a lone UTF-16 surrogate Postgres can't store) at {at}"
+        )
     } else if message.contains("number out of range") {
         format!("a number beyond a 64-bit float's range at {at}")
     } else {
@@ -113,7 +115,12 @@ impl Found {
         let at = if self.path.is_empty() {
             "the event".to_owned()
         } else {
-            self.path.iter().rev().cloned().collect::<Vec<_>>().join(".")
+            self.path
+                .iter()
+                .rev()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(".")
         };
         match self.kind {
             FoundKind::TooDeep => Unstorable::TooDeep(at),
@@ -279,7 +286,9 @@ mod tests {
     use super::*;
 
     fn event(object: &str) -> String {
-        format!(r#"{{"id":"evt_1","type":"customer.updated","created":1700000000,"data":{{"object":{object}}}}}"#)
+        format!(
+            r#"{{"id":"evt_1","type":"customer.updated","created":1700000000,"data":{{"object":{object}}}}}"#
+        )
     }
 
     #[test]

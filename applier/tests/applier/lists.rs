@@ -277,3 +277,132 @@ async fn a_parent_whose_payload_lacks_the_list_keeps_its_incomplete_marker_and_i
         2
     );
 }
+
+/// Item `si_a` of `sub_items` as the table has it, as `as_of` has it at each moment, and as the history view's
+/// version valid at each moment has it: `deleted` each time.
+async fn si_a_deleted(
+    db: &crate::helpers::Direct,
+    moments: &[i64],
+) -> (bool, Vec<bool>, Vec<bool>) {
+    let table = db
+        .scalar("select deleted from stripe.subscription_items where id = 'si_a'")
+        .await;
+    let mut as_of = Vec::new();
+    let mut history = Vec::new();
+    for at in moments {
+        as_of.push(
+            db.scalar(&format!(
+                "select deleted from stripe.as_of(null::stripe.subscription_items, to_timestamp({at}), \
+                 array['sub_items']) where id = 'si_a'"
+            ))
+            .await,
+        );
+        history.push(
+            db.scalar(&format!(
+                "select bool_and(deleted) from stripe.subscription_items_history where id = 'si_a' \
+                 and _valid_from <= to_timestamp({at}) and (_valid_to is null or _valid_to > to_timestamp({at}))"
+            ))
+            .await,
+        );
+    }
+    (table, as_of, history)
+}
+
+/// A complete list removes si_a; later states whose list is cut short, or absent, never bring it back: in the
+/// table whatever order the states arrive in, in `as_of` at every moment and in the history view.
+#[tokio::test]
+async fn a_removed_item_stays_removed_when_later_lists_are_cut_short_or_absent() {
+    use crate::helpers::Direct;
+    let mut bare = stripe::object("subscription", "sub_items");
+    bare.as_object_mut().unwrap().remove("items");
+    let events = [
+        stripe::event(
+            "evt_r1",
+            "customer.subscription.created",
+            100,
+            subscription(vec![item("si_a", 1), item("si_b", 1)], false),
+        ),
+        stripe::event(
+            "evt_r2",
+            "customer.subscription.updated",
+            200,
+            subscription(vec![item("si_b", 2)], false),
+        ),
+        stripe::event(
+            "evt_r3",
+            "customer.subscription.updated",
+            300,
+            subscription(vec![item("si_b", 3)], true),
+        ),
+        stripe::event("evt_r4", "customer.subscription.updated", 400, bare),
+    ];
+    let moments = [150, 250, 350, 450];
+    let removed_from_200 = vec![false, true, true, true];
+    // In stream order, in reverse, and the removal last: one event per batch, and all in one.
+    for order in [[0, 1, 2, 3], [3, 2, 1, 0], [0, 2, 3, 1], [2, 0, 3, 1]] {
+        let db = Direct::new().await;
+        for &i in &order {
+            db.apply_at(&[(i as u64 + 1, &events[i])]).await;
+        }
+        assert_eq!(
+            si_a_deleted(&db, &moments).await,
+            (true, removed_from_200.clone(), removed_from_200.clone()),
+            "order {order:?}: (table, as_of, history) at {moments:?}"
+        );
+    }
+    let db = Direct::new().await;
+    db.apply(&events).await;
+    assert_eq!(
+        si_a_deleted(&db, &moments).await,
+        (true, removed_from_200.clone(), removed_from_200),
+        "one batch"
+    );
+    // A newer state naming it brings it back.
+    db.apply(&[stripe::event(
+        "evt_r5",
+        "customer.subscription.updated",
+        500,
+        subscription(vec![item("si_a", 7)], true),
+    )])
+    .await;
+    assert_eq!(
+        si_a_deleted(&db, &[550]).await,
+        (false, vec![false], vec![false])
+    );
+}
+
+/// A refund in a charge's list is ranked by its own fields: within one second, the refund's own
+/// `charge.refund.updated` is newer than the charge's copy of it, whichever arrives first (a charge `paid` and
+/// `captured` used to lend its rank to the copy).
+#[tokio::test]
+async fn a_refunds_own_event_beats_its_charges_older_copy_of_the_same_second() {
+    use crate::helpers::Direct;
+    let refund = |status: &str| {
+        let mut r = stripe::object("refund", "re_own");
+        r["status"] = json!(status);
+        r["charge"] = json!("ch_own");
+        r
+    };
+    let mut charge = stripe::object("charge", "ch_own");
+    charge["paid"] = json!(true);
+    charge["captured"] = json!(true);
+    charge["refunds"] = json!({ "object": "list", "data": [refund("pending")], "has_more": false, "url": "/v1/charges/ch_own/refunds" });
+    let events = [
+        stripe::event("evt_ch", "charge.updated", 100, charge),
+        stripe::event("evt_re", "charge.refund.updated", 100, refund("succeeded")),
+    ];
+    for order in [[0, 1], [1, 0]] {
+        let db = Direct::new().await;
+        for &i in &order {
+            db.apply_at(&[(i as u64 + 1, &events[i])]).await;
+        }
+        assert_eq!(
+            db.scalar::<String>(
+                "select status || ' ' || _last_event_id from stripe.refunds where id = 're_own'"
+            )
+            .await,
+            "succeeded evt_re",
+            "order {order:?}"
+        );
+    }
+}

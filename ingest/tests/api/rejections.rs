@@ -192,12 +192,16 @@ async fn signed_events_that_cannot_be_stored_as_they_are_get_400_naming_what() {
     let router = router(&[]).await;
     let t = now();
     let head = |rest: &str| {
-        format!(r#"{{"id":"evt_x","object":"event","type":"customer.updated","created":{t},"livemode":false,{rest}}}"#)
+        format!(
+            r#"{{"id":"evt_x","object":"event","type":"customer.updated","created":{t},"livemode":false,{rest}}}"#
+        )
     };
     let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
     let cases: Vec<(String, &str, String)> = vec![
         (
-            head(r#""data":{"object":{"id":"cus_A","object":"customer"},"object":{"id":"cus_B","object":"customer"}}"#),
+            head(
+                r#""data":{"object":{"id":"cus_A","object":"customer"},"object":{"id":"cus_B","object":"customer"}}"#,
+            ),
             "body_unstorable",
             r#"the key "object" appears twice in data"#.into(),
         ),
@@ -217,17 +221,26 @@ async fn signed_events_that_cannot_be_stored_as_they_are_get_400_naming_what() {
             "64-bit float".into(),
         ),
         (
-            head(&format!(r#""extra":{},"data":{{"object":{{"id":"cus_1","object":"customer"}}}}"#, deep(100_000))),
+            head(&format!(
+                r#""extra":{},"data":{{"object":{{"id":"cus_1","object":"customer"}}}}"#,
+                deep(100_000)
+            )),
             "body_unstorable",
             "nested deeper than 64 levels".into(),
         ),
         (
-            head(&format!(r#""data":{{"object":{{"id":"cus_1","object":"customer","livemode":{}}}}}"#, deep(130))),
+            head(&format!(
+                r#""data":{{"object":{{"id":"cus_1","object":"customer","livemode":{}}}}}"#,
+                deep(130)
+            )),
             "body_unstorable",
             "nested deeper than 64 levels at data.object.livemode".into(),
         ),
         (
-            head(&format!(r#""data":{{"object":{{"id":"{}","object":"customer"}}}}"#, "c".repeat(8_000))),
+            head(&format!(
+                r#""data":{{"object":{{"id":"{}","object":"customer"}}}}"#,
+                "c".repeat(8_000)
+            )),
             "body_unstorable",
             "`data.object.id` is longer than 1024 bytes".into(),
         ),
