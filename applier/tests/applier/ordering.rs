@@ -318,3 +318,60 @@ async fn a_later_event_clears_the_ambiguity() {
             .await
     );
 }
+
+/// A subscription set to cancel at period end and reactivated within one second: `canceled_at` is set, then cleared.
+/// It can move back, so it orders nothing. Both payloads fit either order (each one's `previous_attributes` is the
+/// other's state), so the row is the reactivation or it is flagged for a re-read, in either arrival order; ranking
+/// by `canceled_at` made the cancellation win, unflagged.
+#[tokio::test]
+async fn a_same_second_reactivation_is_not_undone_by_the_cancellation_it_reverts() {
+    let subscription = |cancel: bool| {
+        let mut s = stripe_sync_testkit::stripe::object("subscription", "sub_undo");
+        s["cancel_at_period_end"] = json!(cancel);
+        s["canceled_at"] = if cancel {
+            json!(1_700_000_000)
+        } else {
+            Value::Null
+        };
+        s["status"] = json!("active");
+        s
+    };
+    let with_previous = |mut event: Value, previous: Value| {
+        event["data"]["previous_attributes"] = previous;
+        event
+    };
+    let cancel = with_previous(
+        stripe_sync_testkit::stripe::event(
+            "evt_cancel",
+            "customer.subscription.updated",
+            1_700_000_000,
+            subscription(true),
+        ),
+        json!({ "cancel_at_period_end": false, "canceled_at": null }),
+    );
+    let undo = with_previous(
+        stripe_sync_testkit::stripe::event(
+            "evt_undo",
+            "customer.subscription.updated",
+            1_700_000_000,
+            subscription(false),
+        ),
+        json!({ "cancel_at_period_end": true, "canceled_at": 1_700_000_000 }),
+    );
+    for (first, second) in [(&cancel, &undo), (&undo, &cancel)] {
+        let db = Direct::new().await;
+        db.apply(std::slice::from_ref(first)).await;
+        db.apply(std::slice::from_ref(second)).await;
+        let row: (String, bool, bool) = sqlx::query_as(
+            "select _last_event_id, cancel_at_period_end, _ambiguous from stripe.subscriptions where id = 'sub_undo'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert!(
+            row.2 || (row.0 == "evt_undo" && !row.1),
+            "{} first: {row:?}",
+            first["id"]
+        );
+    }
+}
