@@ -54,11 +54,21 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    /// 404: the object (or the list's parent) does not exist.
+    /// Stripe says the object (or the list's parent) does not exist: a 404 with code `resource_missing`. Any other
+    /// 404 (a path Stripe doesn't know, an API not enabled) says nothing about the object.
     #[must_use]
     pub fn is_not_found(&self) -> bool {
-        matches!(self, Self::Refused { status: 404, .. })
+        matches!(self, Self::Refused { status: 404, code, .. } if code == "resource_missing")
     }
+}
+
+/// An object id as one segment of a request path: percent-encoded, so an id from a payload (`../`, `?`, `#`, a
+/// space) can only ever name one object.
+#[must_use]
+pub fn path_segment(id: &str) -> String {
+    const ID: &percent_encoding::AsciiSet =
+        &percent_encoding::NON_ALPHANUMERIC.remove(b'_').remove(b'-');
+    percent_encoding::utf8_percent_encode(id, ID).to_string()
 }
 
 /// What to do with one response.
@@ -338,6 +348,29 @@ impl StripeClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_stripes_resource_missing_means_the_object_is_gone() {
+        let refused = |status: u16, code: &str| ApiError::Refused {
+            status,
+            code: code.into(),
+            message: String::new(),
+        };
+        assert!(refused(404, "resource_missing").is_not_found());
+        // A path Stripe doesn't route (no code), or an API the account lacks, says nothing about the object.
+        assert!(!refused(404, "").is_not_found());
+        assert!(!refused(400, "resource_missing").is_not_found());
+    }
+
+    #[test]
+    fn an_id_is_one_path_segment_whatever_it_holds() {
+        assert_eq!(path_segment("cus_Ab-9"), "cus_Ab-9");
+        assert_eq!(
+            path_segment("../v1/accounts?x=1#y z"),
+            "%2E%2E%2Fv1%2Faccounts%3Fx%3D1%23y%20z"
+        );
+        assert!(!path_segment("a/b").contains('/'));
+    }
 
     #[test]
     fn responses_are_retried_refused_or_fatal_as_stripe_documents() {

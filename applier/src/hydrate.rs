@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio::sync::watch;
 
@@ -330,9 +330,11 @@ impl Hydrator {
                 spec.object_type
             ));
         }
-        let base = list.path.replace("{account}", account_id);
+        let base = list
+            .path
+            .replace("{account}", &crate::api::path_segment(account_id));
         let endpoint = format!("{}/{{id}}", list.path);
-        let path = format!("{base}/{id}");
+        let path = format!("{base}/{}", crate::api::path_segment(id));
         // Read from the platform's side, as the backfill lists them: objects under `/v1/accounts/{account}/`, and
         // objects that name their account in a field (connected accounts themselves).
         let header = if per_account || list.account_field.is_some() {
@@ -342,6 +344,23 @@ impl Hydrator {
         };
         let read_at = time::OffsetDateTime::now_utc().unix_timestamp();
         let object = match self.backfill.api.get(&endpoint, &path, &[], header).await {
+            // A deleted object Stripe still answers for (`{id, object, deleted: true}`): the row keeps the data it
+            // last had, recorded deleted.
+            Ok(object) if object["id"].as_str() == Some(id) && object["deleted"] == json!(true) => {
+                match self.last_known(table, account_id, livemode, id).await {
+                    Ok(mut last) => {
+                        if let (Some(last), Some(answer)) =
+                            (last.as_object_mut(), object.as_object())
+                        {
+                            last.extend(answer.clone());
+                        }
+                        last
+                    }
+                    Err(err) => {
+                        return Read::Failed(format!("reading the row's last state: {err}"));
+                    }
+                }
+            }
             Ok(mut object) if object["id"].as_str() == Some(id) => {
                 match self
                     .backfill
@@ -361,12 +380,18 @@ impl Hydrator {
                     other["id"]
                 ));
             }
-            Err(err) if err.is_not_found() => json!({
-                "id": id,
-                "object": spec.object_type,
-                "livemode": livemode,
-                "deleted": true,
-            }),
+            // Gone at Stripe: the row is recorded deleted, with the data it last had (Stripe answering 404 says
+            // nothing new about the object's fields).
+            Err(err) if err.is_not_found() => match self
+                .last_known(table, account_id, livemode, id)
+                .await
+            {
+                Ok(mut object) => {
+                    object["deleted"] = json!(true);
+                    object
+                }
+                Err(err) => return Read::Failed(format!("reading the row's last state: {err}")),
+            },
             Err(err @ ApiError::Unauthorized { .. }) => return Read::Unauthorized(err.to_string()),
             Err(err @ ApiError::Refused { .. }) => return Read::Dropped(err.to_string()),
             Err(err) => return Read::Failed(err.to_string()),
@@ -381,6 +406,34 @@ impl Hydrator {
             Ok(()) => Read::Published { gone },
             Err(err) => Read::Failed(format!("publishing to the stream: {err:#}")),
         }
+    }
+
+    /// The object a row last held (`_raw_data`), or the bare `{id, object, livemode}` when there is no row.
+    async fn last_known(
+        &self,
+        table: &str,
+        account_id: &str,
+        livemode: bool,
+        id: &str,
+    ) -> Result<Value, sqlx::Error> {
+        let sql = format!(
+            "select _raw_data from stripe.\"{table}\" where _account_id = $1 and livemode = $2 and id = $3"
+        );
+        let raw: Option<Value> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(account_id)
+            .bind(livemode)
+            .bind(id)
+            .fetch_optional(&self.backfill.pool)
+            .await?;
+        let object_type = self
+            .registry()
+            .objects()
+            .iter()
+            .find(|s| s.table == table)
+            .map(|s| s.object_type.as_str());
+        Ok(raw
+            .filter(Value::is_object)
+            .unwrap_or_else(|| json!({ "id": id, "object": object_type, "livemode": livemode })))
     }
 
     /// Removes a row read (or read again later, if asked for meanwhile), or backs it off; only while this claim's

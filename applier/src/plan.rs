@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::event::Incoming;
 use crate::registry::{DeletePolicy, Key, ObjectSpec, Registry};
-use crate::version::{Rank, Version};
+use crate::version::{Kind, Rank, Version};
 
 /// One row to upsert, from one event.
 #[derive(Debug, Clone, PartialEq)]
@@ -155,7 +155,10 @@ fn route<'a>(
         Key::Account => Cow::Borrowed(account),
         Key::Field => Cow::Owned(field_id(object_json, spec.key_field.as_deref()?)?),
     };
-    let deleted = event.is_delete() && spec.on_delete == DeletePolicy::Tombstone;
+    // A `*.deleted` event ends the object where the registry says so; a snapshot of a deleted object (Stripe
+    // answered 404: it is gone) always does, whatever the type's `*.deleted` event means.
+    let deleted = event.is_delete()
+        && (spec.on_delete == DeletePolicy::Tombstone || event.kind() == Kind::Snapshot);
     let row = ObjectRow {
         account,
         livemode: event.livemode(),

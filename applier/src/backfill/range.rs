@@ -110,9 +110,11 @@ impl TypeJob {
     fn target(&self) -> (String, Option<&str>) {
         let list = self.list();
         match &self.account {
-            Some(account) if list.path.contains("{account}") => {
-                (list.path.replace("{account}", account), None)
-            }
+            Some(account) if list.path.contains("{account}") => (
+                list.path
+                    .replace("{account}", &crate::api::path_segment(account)),
+                None,
+            ),
             account => (list.path.clone(), account.as_deref()),
         }
     }

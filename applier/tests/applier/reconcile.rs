@@ -175,3 +175,53 @@ async fn objects_without_a_mode_of_their_own_are_reconciled_in_the_keys_mode() {
     );
     applier.stop().await;
 }
+
+/// A subscription (whose `*.deleted` event is an ordinary update) that Stripe answers 404 for: the row is recorded
+/// deleted with the data it had, its items with it, counted once; a later reconcile finds nothing more. (A 404 used to
+/// replace the row with `{id, object, deleted}`, null every column, leave it `deleted = false` and count it again on
+/// every run.)
+#[tokio::test]
+async fn a_404_records_the_row_deleted_with_its_data_and_its_items_once() {
+    let fake = fake(&[]).await;
+    let env = test_env(&fake, &[]).await;
+    let applier = env.start_applier().await;
+    let mut sub = with(
+        "subscription",
+        "sub_gone",
+        stripe::now() - 100,
+        json!({ "status": "active", "customer": "cus_kept" }),
+    );
+    let mut item = stripe::object("subscription_item", "si_gone");
+    item["subscription"] = json!("sub_gone");
+    sub["items"] = json!({ "object": "list", "data": [item], "has_more": false, "url": "/v1/subscription_items?subscription=sub_gone" });
+    env.publish(&stripe::event(
+        "evt_sub_gone",
+        "customer.subscription.created",
+        stripe::now() - 100,
+        sub,
+    ))
+    .await;
+    env.wait_drained().await;
+    let report =
+        stripe_sync_applier::commands::reconcile(&env.settings(), &["subscriptions".into()])
+            .await
+            .unwrap();
+    assert_eq!(report.tables[0].deleted, 1, "{report}");
+    env.wait_count(
+        "select count(*) from stripe.subscriptions where id = 'sub_gone' and deleted \
+         and status = 'active' and customer = 'cus_kept'",
+        1,
+    )
+    .await;
+    env.wait_count(
+        "select count(*) from stripe.subscription_items where id = 'si_gone' and deleted",
+        1,
+    )
+    .await;
+    let again =
+        stripe_sync_applier::commands::reconcile(&env.settings(), &["subscriptions".into()])
+            .await
+            .unwrap();
+    assert_eq!(again.tables[0].total(), 0, "counted once: {again}");
+    applier.stop().await;
+}
