@@ -610,6 +610,91 @@ async fn sync_reads_given_objects_again_now() {
     applier.stop().await;
 }
 
+/// Re-reading an object that has not changed writes nothing and adds no version to its history (five `sync` runs
+/// used to leave five identical versions); a change read later is one new version.
+#[tokio::test]
+async fn a_re_read_that_finds_nothing_new_adds_no_version() {
+    let fake = fake(&[]).await;
+    let now = stripe::now();
+    let customer = |email: &str| with("customer", "cus_same", now - 100, json!({ "email": email }));
+    fake.put(PLATFORM, &customer("same@example.com"));
+    let env = test_env(&fake, &[]).await;
+    let applier = env.start_applier().await;
+    let versions = "select count(*) from stripe.customers_history where id = 'cus_same'";
+    for run in 0..5 {
+        stripe_sync_applier::commands::sync(
+            &env.settings(),
+            "customers",
+            None,
+            &["cus_same".into()],
+        )
+        .await
+        .unwrap();
+        env.wait_drained().await;
+        assert_eq!(
+            env.scalar::<i64>(versions).await,
+            1,
+            "after sync {}",
+            run + 1
+        );
+    }
+    fake.put(PLATFORM, &customer("changed@example.com"));
+    stripe_sync_applier::commands::sync(&env.settings(), "customers", None, &["cus_same".into()])
+        .await
+        .unwrap();
+    env.wait_drained().await;
+    assert_eq!(env.scalar::<i64>(versions).await, 2);
+    assert_eq!(
+        env.scalar::<String>("select email from stripe.customers where id = 'cus_same'")
+            .await,
+        "changed@example.com"
+    );
+    applier.stop().await;
+}
+
+/// Snapshots read in five different seconds of an unchanged object: one version, and the row keeps the first
+/// read's place; a snapshot of a changed object, or of a row flagged ambiguous, is written.
+#[tokio::test]
+async fn snapshots_equal_to_the_row_write_nothing_whatever_second_they_were_read_in() {
+    let db = Direct::new().await;
+    let snapshot = |read_at: i64, email: &str| {
+        let object = with("customer", "cus_snap", 1, json!({ "email": email }));
+        stripe_sync_applier::snapshot::Snapshot {
+            account: None,
+            read_at,
+            object: &object,
+        }
+        .event("2026-07-29.dahlia", false)
+    };
+    for read_at in 500..505 {
+        db.apply(&[snapshot(read_at, "a@example.com")]).await;
+    }
+    let state = "select count(*)::text || ' ' || max(_last_event_created)::text from stripe.customers_history \
+                 where id = 'cus_snap'";
+    assert_eq!(db.scalar::<String>(state).await, "1 500");
+    assert_eq!(
+        db.scalar::<i64>("select count(*) from stripe.events where object_id = 'cus_snap'")
+            .await,
+        5,
+        "every read is recorded"
+    );
+    db.apply(&[snapshot(506, "b@example.com")]).await;
+    assert_eq!(db.scalar::<String>(state).await, "2 506");
+    sqlx::query("update stripe.customers set _ambiguous = true where id = 'cus_snap'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    db.apply(&[snapshot(507, "b@example.com")]).await;
+    assert_eq!(
+        db.scalar::<String>(
+            "select _last_event_created::text || ' ' || _ambiguous::text from stripe.customers where id = 'cus_snap'"
+        )
+        .await,
+        "507 false",
+        "a re-read settles an ambiguous row"
+    );
+}
+
 /// The admin job's state once it is no longer running.
 async fn finished_job(http: &reqwest::Client, base: &str, job: u64, what: &str) -> Value {
     eventually(PATIENCE, what, || async {
