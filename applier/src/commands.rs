@@ -26,6 +26,7 @@ async fn applier(settings: &Settings) -> anyhow::Result<Arc<Applier>> {
     } else {
         crate::migrate::check(&pool).await?;
     }
+    crate::migrate::pin_account(&pool, &settings.applier.account_id).await?;
     Ok(Arc::new(Applier::new(
         pool,
         Registry::shipped(),

@@ -46,6 +46,26 @@ fn unreachable_or_failed(err: sqlx::Error) -> MigrateError {
     }
 }
 
+/// Pins the database to `account` (the `_account_id` of the platform's own objects) on first use, and refuses any
+/// other afterwards: a process with another `STRIPE_ACCOUNT_ID` would write every platform object a second time.
+pub async fn pin_account(pool: &PgPool, account: &str) -> anyhow::Result<()> {
+    let pinned: String = sqlx::query_scalar(
+        "with pin as (insert into stripe.sync_account (platform_account) values ($1) on conflict do nothing \
+           returning platform_account) \
+         select platform_account from pin union all select platform_account from stripe.sync_account limit 1",
+    )
+    .bind(account)
+    .fetch_one(pool)
+    .await?;
+    anyhow::ensure!(
+        pinned == account,
+        "this database holds the platform's objects under the account id {pinned:?} (STRIPE_ACCOUNT_ID when it \
+         was first synced), and this process has {account:?}: set STRIPE_ACCOUNT_ID={pinned}. To change it on \
+         purpose, stop every applier and see docs/operations.md, \"Changing the account id\"."
+    );
+    Ok(())
+}
+
 /// Ok when every embedded migration has been applied (for `run_migrations = false`).
 pub async fn check(pool: &PgPool) -> anyhow::Result<()> {
     let applied: Vec<i64> =

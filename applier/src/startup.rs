@@ -62,7 +62,7 @@ pub async fn database_ready(settings: &Settings, pool: &PgPool) -> anyhow::Resul
         )
         .await?;
     }
-    Ok(())
+    crate::migrate::pin_account(pool, &settings.applier.account_id).await
 }
 
 /// Connects to NATS and waits until the events stream exists (the applier creates it if ingest has not yet).

@@ -22,7 +22,7 @@ fn events() -> Vec<Value> {
                 5..=30 => "customer.created",
                 _ => "customer.updated",
             };
-            let created = 1_000 + rng.i64(..60);
+            let created = 1_000 + rng.i64(0..60);
             customer_event(
                 &format!("evt_scale_{i}"),
                 event_type,
