@@ -151,26 +151,15 @@ impl Applier {
         let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;
         let all: Vec<&Incoming> = events.iter().collect();
-        let unchanged =
-            store::unchanged_snapshots(&mut tx, &all, self.registry, &self.platform_account)
-                .await?;
-        let inserted = store::insert_events(
-            &mut tx,
-            &all,
-            self.registry,
-            &self.platform_account,
-            &unchanged,
-        )
-        .await?;
+        let inserted =
+            store::insert_events(&mut tx, &all, self.registry, &self.platform_account).await?;
         // The first copy of an event in the batch is the one recorded.
         let mut seen = HashSet::new();
         let new: Vec<&Incoming> = all
             .into_iter()
             .filter(|e| {
                 let key = (self.account_of(e).to_owned(), e.id.clone());
-                seen.insert(key.clone())
-                    && (mode == Mode::Force || inserted.contains(&key))
-                    && !unchanged.contains(&key)
+                seen.insert(key.clone()) && (mode == Mode::Force || inserted.contains(&key))
             })
             .collect();
         // Again, each event takes the place it was first applied in: a copy Stripe re-sent after the stream's

@@ -397,21 +397,15 @@ fn progress_sql(object: &str, fields: &[String]) -> String {
 }
 
 /// Records the batch's events in `stripe.events`; returns the keys `(account, id)` that were not there before.
-/// `unplaced`: events recorded as writing no row (snapshots of an unchanged state).
 pub async fn insert_events(
     conn: &mut PgConnection,
     events: &[&Incoming],
     registry: &Registry,
     platform_account: &str,
-    unplaced: &HashSet<(String, String)>,
 ) -> Result<HashSet<(String, String)>, sqlx::Error> {
-    let account_of = |e: &Incoming| e.account.as_deref().unwrap_or(platform_account).to_owned();
     let placed: Vec<_> = events
         .iter()
-        .map(|e| {
-            crate::plan::placement(e, registry, platform_account)
-                .filter(|_| !unplaced.contains(&(account_of(e), e.id.clone())))
-        })
+        .map(|e| crate::plan::placement(e, registry, platform_account))
         .collect();
     let rows = sqlx::query(
         "insert into stripe.events \
@@ -455,63 +449,6 @@ pub async fn insert_events(
         .into_iter()
         .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
         .collect())
-}
-
-/// The snapshots among `events` (API reads, not deletions) whose object is exactly the state their row holds, the
-/// row neither deleted nor ambiguous, as `(account, event id)`: a re-read that found nothing new writes nothing and
-/// adds no version to history.
-pub async fn unchanged_snapshots(
-    conn: &mut PgConnection,
-    events: &[&Incoming],
-    registry: &Registry,
-    platform_account: &str,
-) -> Result<HashSet<(String, String)>, sqlx::Error> {
-    let mut by_table: HashMap<&str, Vec<(&str, bool, &str, &str, &str)>> = HashMap::new();
-    for e in events {
-        if e.kind() != crate::version::Kind::Snapshot || e.is_delete() {
-            continue;
-        }
-        let (Some(spec), Some(id), Some(object)) = (
-            e.object_type.as_deref().and_then(|t| registry.get(t)),
-            e.object_id.as_deref(),
-            e.object_json(),
-        ) else {
-            continue;
-        };
-        if spec.key == Key::Object {
-            let account = e.account.as_deref().unwrap_or(platform_account);
-            by_table.entry(&spec.table).or_default().push((
-                account,
-                e.livemode(),
-                id,
-                object,
-                &e.id,
-            ));
-        }
-    }
-    let mut unchanged = HashSet::new();
-    for (table, rows) in by_table {
-        let sql = format!(
-            "select w.account, w.event_id from unnest($1::text[], $2::bool[], $3::text[], $4::text[], $5::text[]) \
-               as w(account, livemode, id, object, event_id) \
-             join stripe.\"{table}\" t on t._account_id = w.account and t.livemode = w.livemode and t.id = w.id \
-             where t._raw_data = w.object::jsonb and not t.deleted and not t._ambiguous"
-        );
-        let found = sqlx::query(AssertSqlSafe(sql))
-            .bind(rows.iter().map(|r| r.0).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.1).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.2).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.3).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.4).collect::<Vec<_>>())
-            .fetch_all(&mut *conn)
-            .await?;
-        unchanged.extend(
-            found
-                .into_iter()
-                .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1))),
-        );
-    }
-    Ok(unchanged)
 }
 
 /// The `_rank` of an event that writes no row: set all the same, so that a null `_rank` means "recorded before
