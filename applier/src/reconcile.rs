@@ -375,8 +375,8 @@ impl Reconcile {
             .bind(&ids)
             .execute(self.pool())
             .await?;
-            let rows: HashMap<String, Value> = sqlx::query_as::<_, (String, Value)>(sqlx::AssertSqlSafe(format!(
-                "select id, _raw_data from stripe.\"{table}\" where _account_id = $1 and livemode = $2 and id = any($3)"
+            let rows: HashMap<String, (Value, bool)> = sqlx::query_as::<_, (String, Value, bool)>(sqlx::AssertSqlSafe(format!(
+                "select id, _raw_data, deleted from stripe.\"{table}\" where _account_id = $1 and livemode = $2 and id = any($3)"
             )))
             .bind(platform)
             .bind(live)
@@ -384,12 +384,14 @@ impl Reconcile {
             .fetch_all(self.pool())
             .await?
             .into_iter()
+            .map(|(id, raw, deleted)| (id, (raw, deleted)))
             .collect();
             drift.listed += objects.len() as u64;
             for mut object in objects {
                 let id = object["id"].as_str().unwrap_or_default().to_owned();
                 match rows.get(&id) {
-                    Some(row) if same(row, &object) => continue,
+                    // Stripe lists only live objects: a listed object whose row says deleted is drift too.
+                    Some((row, false)) if same(row, &object) => continue,
                     Some(_) => {
                         drift.changed += 1;
                         tracing::info!(%table, %id, drift = "changed", "row differed from Stripe's API");

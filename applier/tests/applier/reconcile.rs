@@ -225,3 +225,40 @@ async fn a_404_records_the_row_deleted_with_its_data_and_its_items_once() {
     assert_eq!(again.tables[0].total(), 0, "counted once: {again}");
     applier.stop().await;
 }
+
+/// A row marked deleted whose object Stripe still lists is drift: reconcile counts it and the row comes back.
+#[tokio::test]
+async fn a_listed_object_whose_row_says_deleted_is_drift_and_comes_back() {
+    let fake = fake(&[]).await;
+    let now = stripe::now();
+    fake.put(
+        PLATFORM,
+        &customer("cus_alive", now - 500, "alive@example.com"),
+    );
+    let env = test_env(&fake, &[]).await;
+    let applier = env.start_applier().await;
+    // The same object, as a `customer.deleted` event carried it: the row's data equals what Stripe lists.
+    let deleted = customer("cus_alive", now - 500, "alive@example.com");
+    env.publish(&stripe::event(
+        "evt_wrongly_deleted",
+        "customer.deleted",
+        now - 100,
+        deleted,
+    ))
+    .await;
+    env.wait_count(
+        "select count(*) from stripe.customers where id = 'cus_alive' and deleted",
+        1,
+    )
+    .await;
+    let report = stripe_sync_applier::commands::reconcile(&env.settings(), &["customers".into()])
+        .await
+        .unwrap();
+    assert_eq!(report.tables[0].changed, 1, "{report}");
+    env.wait_count(
+        "select count(*) from stripe.customers where id = 'cus_alive' and not deleted",
+        1,
+    )
+    .await;
+    applier.stop().await;
+}
